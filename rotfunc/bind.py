@@ -114,7 +114,9 @@ class AdaptedLinear(nn.Module):
         return f"adapters={kinds}, active={self.active!r}, merged={self.merged.name if self.merged else None}"
 
     def _base(self, x: Tensor) -> Tensor:
-        return quant.linear_forward(self.base_layer, x)
+        if quant.is_quantized(self.base_layer):
+            return quant.quant_forward(self.base_layer, x)
+        return self.base_layer(x)
 
     def _apply_one(self, name: str, x: Tensor, base: Callable[[Tensor], Tensor]) -> Tensor:
         slot = self.slots[name]
@@ -148,8 +150,7 @@ class AdaptedLinear(nn.Module):
         unknown = sorted(set(names) - set(self.configs) - {BASE_ADAPTER})
         if unknown:
             raise ValueError(f"adapter_names contains {unknown}, not attached here; known: {sorted(self.configs)}")
-        # Dequantize a quantized base once for all groups of this batch.
-        base = quant.cached_linear(self.base_layer)
+        base = _dequantized_once(self.base_layer)
         groups: dict[str, list[int]] = {}
         for i, n in enumerate(names):
             groups.setdefault(n, []).append(i)
@@ -165,6 +166,24 @@ class AdaptedLinear(nn.Module):
                 out = ys.new_zeros(x.shape[:-1] + (self.out_features,))
             out = out.index_copy(0, idx, ys)
         return out
+
+
+def _dequantized_once(layer: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The base layer as a callable that dequantizes a quantized weight once for all groups of a mixed batch
+    (bitwise what :func:`rotfunc.quant.quantized_linear` computes, which dequantizes on every call)."""
+    if not quant.is_quantized(layer):
+        return layer
+    qw = quant.quant_weight_of(layer)
+    cache: dict[torch.dtype, Tensor] = {}
+
+    def base(x: Tensor) -> Tensor:
+        dtype = qw.spec.compute_dtype or x.dtype
+        if dtype not in cache:
+            cache[dtype] = quant.dequantize(qw, dtype=dtype)
+        bias = None if layer.bias is None else layer.bias.to(dtype)
+        return torch.nn.functional.linear(x.to(dtype), cache[dtype], bias).to(x.dtype)
+
+    return base
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,8 +228,9 @@ def _targets(model: nn.Module, config: Adapter) -> list[tuple[str, nn.Module]]:
         if hit:
             found.append((name, module))
     if not found:
+        shown = spec if isinstance(spec, str) else sorted(spec)
         raise ValueError(
-            f"target_modules={spec!r} matched no module of {type(model).__name__}"
+            f"target_modules={shown!r} matched no module of {type(model).__name__}"
             + (f" (exclude_modules={config.exclude_modules!r})" if config.exclude_modules else "")
         )
     for name, module in found:
@@ -336,17 +356,13 @@ def detach(model: nn.Module, /, adapter_name: str | None = None) -> nn.Module:
 
 def prepare(model: nn.Module, /) -> nn.Module:
     """Route every bitsandbytes layer of ``model`` through rotfunc's ``torch.func``-safe quantized linear."""
-    for _, module in model.named_modules():
-        if quant.is_quantized(module):
-            quant.patch_forward(module)
+    quant.patch_forward(model)
     return model
 
 
 def unprepare(model: nn.Module, /) -> nn.Module:
     """Undo :func:`prepare`: bitsandbytes layers get their own forward back."""
-    for _, module in model.named_modules():
-        if quant.is_quantized(module):
-            quant.unpatch_forward(module)
+    quant.unpatch_forward(model)
     return model
 
 
@@ -553,13 +569,9 @@ def unmerge(model: nn.Module, /) -> None:
     adapter's exact inverse (closed-form 2x2 blocks for RoAD, transposed/solved blocks for OFT, W - s dW for
     RandLoRA)."""
     for _, w in adapted_layers(model):
-        if w.merged is None:
-            continue
-        if quant.is_quantized(w.base_layer):
-            quant.restore(w.base_layer, w.merged.record)
-        else:
-            quant.merge_into(w.base_layer, _unmerge_fn(w, w.merged.name))
-        w.merged = None
+        if w.merged is not None:
+            quant.unmerge_from(w.base_layer, w.merged.record, _unmerge_fn(w, w.merged.name))
+            w.merged = None
 
 
 def merge_and_unload(model: nn.Module, /, adapter_name: str | None = None, *, safe_merge: bool = False) -> nn.Module:

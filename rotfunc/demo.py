@@ -14,10 +14,10 @@ all-reduced sum equals the whole-batch gradient, and all ranks apply the same up
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import inspect
 import json
-import math
 import os
 import random
 import re
@@ -25,6 +25,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,23 +55,30 @@ class DemoError(Exception):
 def stdlib_sentences() -> list[str]:
     """Sentences from the docstrings of standard-library modules and their public members: deduplicated, in a
     fixed order (the same wherever the same Python runs)."""
+    return list(_stdlib_sentences())
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_sentences() -> tuple[str, ...]:
     seen: dict[str, None] = {}
     for mod_name in _DOC_MODULES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError:
-            continue
-        docs = [inspect.getdoc(mod) or ""]
-        for name in sorted(vars(mod)):
-            obj = getattr(mod, name)
-            if not name.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj)):
-                docs.append(inspect.getdoc(obj) or "")
+        with warnings.catch_warnings():  # reading deprecated aliases (typing.io, ...) warns
+            warnings.simplefilter("ignore")
+            try:
+                mod = importlib.import_module(mod_name)
+            except ImportError:
+                continue
+            docs = [inspect.getdoc(mod) or ""]
+            for name in sorted(vars(mod)):
+                obj = getattr(mod, name)
+                if not name.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj)):
+                    docs.append(inspect.getdoc(obj) or "")
         for doc in docs:
             for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", re.sub(r"\s+", " ", doc)):
                 s = s.strip()
                 if 40 <= len(s) <= 200 and s[0].isupper() and s.endswith(".") and ">>>" not in s:
                     seen.setdefault(s, None)
-    return list(seen)
+    return tuple(seen)
 
 
 def load_minilm(*, quantize: str | None = None) -> tuple[Any, Any]:
@@ -169,6 +177,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     tok, teacher = load_minilm()
     _, student = load_minilm(quantize="nf4")
+    bind.prepare(student)  # every nf4 layer through rotfunc's dequantize + matmul, before and after the adapter
 
     def tokenize(texts):
         return dict(tok(texts, padding="max_length", truncation=True, max_length=args.max_length, return_tensors="pt"))
@@ -255,6 +264,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             save_file({k: v.contiguous() for k, v in params.items()}, str(args.out / "adapter_params.safetensors"))
             say(f"wrote {args.out / 'report.json'}")
     if world > 1:
+        if args.out is not None and rank > 0:
+            from safetensors.torch import save_file
+
+            args.out.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in params.items()}, str(args.out / f"adapter_params.rank{rank}.safetensors"))
         dist.barrier()
         dist.destroy_process_group()
     return report
