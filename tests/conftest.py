@@ -46,7 +46,13 @@ class _MiniLM:
         from rotfunc.demo import load_minilm
 
         if kind not in self._models:
-            self._tok, self._models[kind] = load_minilm(quantize=kind)
+            self._tok, model = load_minilm(quantize=kind)
+            # Route bitsandbytes layers through rotfunc's dequantize + matmul from the start: bitsandbytes' own
+            # eval forward repacks 4-bit weights into a CPU layout on AVX512-BF16 machines, and its state_dict()
+            # of a repacked layer then corrupts the layer (a bitsandbytes 0.50.2 bug, see PEFT_NOTES.md).
+            import rotfunc
+
+            self._models[kind] = rotfunc.prepare(model)
         return copy.deepcopy(self._models[kind])
 
     def batch(self, n=4, max_length=16, offset=0):

@@ -169,12 +169,19 @@ def test_merge_equals_unmerged_and_differs_from_base(minilm, kind, method):
     before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     records = bind.merge(model)
     merged = outputs(model, batch)
-    # quantized: the merged weight is requantized, so it is equal up to the quantization error of one layer
-    tol = {None: 1e-5, "int8": 0.1, "nf4": 0.3}[kind]
-    assert (merged - adapted).abs().max() < tol
-    assert (adapted - base_out).abs().max() > 10 * tol if kind is None else (adapted - base_out).abs().max() > 0.05
-    if kind is not None:
-        assert all(r.rel_fro_error > 0 for r in records.values())
+
+    def rel(u, v):
+        return ((u - v).norm() / v.norm()).item()
+
+    if kind is None:
+        assert rel(merged, adapted) < 1e-5
+        assert rel(base_out, adapted) > 1e-2
+    else:
+        # A merged quantized layer is requantized: its output may move by what the requantization moved the
+        # weights (the records report it), and no further; the adapter's effect must be clearly larger.
+        requant = max(r.rel_fro_error for r in records.values())
+        assert 0 < requant and rel(merged, adapted) < 2 * requant
+        assert rel(base_out, adapted) > 2 * rel(merged, adapted)
     bind.unmerge(model)
     after = model.state_dict()
     for k, v in before.items():
@@ -197,23 +204,25 @@ def test_merge_and_unload_leaves_a_plain_model(minilm, kind):
     assert not list(bind.adapted_layers(model))
     q = model.encoder.layer[0].attention.self.query
     assert type(q) is (nn.Linear if kind is None else bnb.nn.Linear4bit)
-    assert (outputs(model, batch) - adapted).abs().max() < (1e-5 if kind is None else 0.3)
+    out = outputs(model, batch)
+    assert ((out - adapted).norm() / adapted.norm()).item() < (1e-5 if kind is None else 0.2)
 
 
 def test_merge_is_all_or_nothing_across_layers(minilm):
     model = minilm.model("nf4")
     bind.attach(model, configs()["road"])
     perturb(model, seed=5)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     # Poison the last layer's params: safe_merge must refuse and restore every layer merged before it.
     last = [k for k in bind.adapter_params(model) if "layer.5.attention.self.value" in k and k.endswith("alpha")]
-    p = dict(model.named_parameters())[last[0]]
     with torch.no_grad():
-        p[0] = float("nan")
+        dict(model.named_parameters())[last[0]][0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="non-finite"):
         bind.merge(model, safe_merge=True)
     after = model.state_dict()
-    assert all(torch.equal(after[k], v, ) or (torch.isnan(v).any()) for k, v in before.items())
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0, equal_nan=True, msg=k)
     assert all(w.merged is None for _, w in bind.adapted_layers(model))
 
 
@@ -271,5 +280,5 @@ def test_randlora_bases_are_one_shared_pytree(minilm):
     ptrs = {w.slots["default"].shared().B.data_ptr() for _, w in bind.adapted_layers(model)}
     assert len(ptrs) == 1
     shared = next(w for _, w in bind.adapted_layers(model)).slots["default"].shared()
-    assert shared.B.shape[0] == 1536 and shared.A.shape[-1] == 384
+    assert shared.B.shape[0] == 1536 and shared.A.shape[-1] == 1536  # PEFT: element-wise max of (out, in)
     assert not any("shared" in k for k in bind.adapter_params(model))
