@@ -38,6 +38,8 @@ class Adapter(Protocol):
     """
 
     peft_type: ClassVar[str]  # PEFT's PeftType value, e.g. "ROAD", "OFT", "RANDLORA"
+    peft_param_names: ClassVar[dict[str, str]]  # params field -> PEFT state-dict key suffix ("theta": "road_theta")
+    # (optional) peft_shared_names: ClassVar[dict[str, str]]: shared frozen pytree field -> PEFT key suffix
     target_modules: Any
     exclude_modules: Any
 
@@ -107,6 +109,15 @@ class Adapter(Protocol):
 
     def num_params(self, in_features: int, out_features: int, /) -> int:
         """Trainable parameter count for one layer, equal to PEFT's."""
+        ...
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """PEFT's config fields (PEFT's names) for ``adapter_config.json``."""
+        ...
+
+    @classmethod
+    def from_peft_dict(cls, d: dict[str, Any], /) -> "Adapter":
+        """The config for what PEFT's ``adapter_config.json`` holds; unknown fields raise ValueError."""
         ...
 
 

@@ -330,6 +330,11 @@ def randlora_bases(
         raise ValueError(f"max_dim={max_dim} is smaller than min_dim={min_dim}")
     _check_sparse(sparse, very_sparse)
     nb = _num_bases(min_dim, r)
+    if r * min_dim < 2:  # PEFT divides a one-element A by its std: NaN bases (and a torch warning)
+        raise ValueError(
+            f"r={r} and min_dim={min_dim} give a one-element basis A of shape={(r, 1, min_dim)}, whose std is "
+            "undefined; use r >= 2 or layers with min(in_features, out_features) >= 2"
+        )
     g = torch.Generator(device="cpu").manual_seed(key)
     if sparse or very_sparse:
         t = math.sqrt(min_dim) if very_sparse else 3
@@ -529,6 +534,9 @@ class RandLoraConfig:
     """
 
     peft_type: ClassVar[str] = "RANDLORA"
+    # checkpoint keys: params / shared-bases field -> PEFT state-dict suffix
+    peft_param_names: ClassVar[dict[str, str]] = {"lambda_": "randlora_lambda", "gamma": "randlora_gamma"}
+    peft_shared_names: ClassVar[dict[str, str]] = {"A": "randlora_A", "B": "randlora_B"}
 
     r: int = 32
     target_modules: Any = None
