@@ -56,7 +56,15 @@ import types
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
-import bitsandbytes as bnb
+import logging
+
+# bitsandbytes logs a notice at import on CPUs when the optional `kernels` package (a faster eval-mode 4-bit
+# CPU kernel rotfunc does not use) is absent; drop only that message so command lines stay one-line clean.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "kernels-community" not in str(record.msg)
+)
+
+import bitsandbytes as bnb  # noqa: E402
 import bitsandbytes.functional as bnbf
 import optree
 import torch
@@ -224,7 +232,7 @@ def _quant_weight_4bit(layer: nn.Module) -> QuantWeight:
             f"Linear4bit(in_features={layer.in_features}, out_features={layer.out_features}) is not quantized "
             "yet: call .to('cpu') (or a CUDA device) after loading its float weights"
         )
-    data = w.data
+    data = w.detach()  # not .data: torch.compile cannot trace .data of a Parameter under torch.func transforms
     if getattr(qs, "packing_format_for_cpu", False):
         data, absmax = _unpack_cpu_layout(data, qs)
         spec = QuantSpec(
@@ -259,7 +267,7 @@ def _quant_weight_8bit(layer: nn.Module) -> QuantWeight:
             "has_fp16_weights=True: its weight is float and quantized anew on every forward; rotfunc supports "
             "has_fp16_weights=False layers only"
         )
-    cb = layer.weight.data
+    cb = layer.weight.detach()  # not .data (see _quant_weight_4bit)
     if cb.dtype != torch.int8:
         raise ValueError(
             f"Linear8bitLt(in_features={layer.in_features}, out_features={layer.out_features}) holds a "
