@@ -325,9 +325,26 @@ def attach(
         wrapper.configs[adapter_name] = config
         if wrapper.active is None:
             wrapper.active = adapter_name
+    _freeze_base(model)
     prepare(model)
     _install_batch_hook(model)
     return model
+
+
+def _freeze_base(model: nn.Module) -> None:
+    # As PEFT: only adapter params are trainable. Besides the optimizer's view, this matters for torch.func:
+    # base weights that require grad make ordinary autograd record every functional forward/backward around
+    # torch.func.grad, and a training loop feeding grads back into params then chains those graphs forever.
+    frozen = model.__dict__.setdefault("_rotfunc_frozen", [])
+    for name, p in model.named_parameters():
+        if f".{_SLOTS}." not in f".{name}" and p.requires_grad:
+            p.requires_grad_(False)
+            frozen.append(p)
+
+
+def _unfreeze_base(model: nn.Module) -> None:
+    for p in model.__dict__.pop("_rotfunc_frozen", []):
+        p.requires_grad_(True)
 
 
 def detach(model: nn.Module, /, adapter_name: str | None = None) -> nn.Module:
@@ -351,6 +368,7 @@ def detach(model: nn.Module, /, adapter_name: str | None = None) -> nn.Module:
     if not adapter_names(model):
         unprepare(model)
         _remove_batch_hook(model)
+        _unfreeze_base(model)
     return model
 
 
@@ -581,4 +599,5 @@ def merge_and_unload(model: nn.Module, /, adapter_name: str | None = None, *, sa
         _set_submodule(model, path, w.base_layer)
     unprepare(model)
     _remove_batch_hook(model)
+    _unfreeze_base(model)
     return model

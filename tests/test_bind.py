@@ -282,3 +282,17 @@ def test_randlora_bases_are_one_shared_pytree(minilm):
     shared = next(w for _, w in bind.adapted_layers(model)).slots["default"].shared()
     assert shared.B.shape[0] == 1536 and shared.A.shape[-1] == 1536  # PEFT: element-wise max of (out, in)
     assert not any("shared" in k for k in bind.adapter_params(model))
+
+
+def test_attach_freezes_the_base_so_functional_grads_carry_no_graph(minilm):
+    model = minilm.model()
+    trainable_before = {n for n, p in model.named_parameters() if p.requires_grad}
+    bind.attach(model, configs()["road"])
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".rotfunc." not in n)
+    params, batch = bind.adapter_params(model), minilm.batch(n=2)
+    g = grad(lambda p: functional_call(model, p, args=(), kwargs=batch).last_hidden_state.square().mean())(params)
+    # Without the freeze, ordinary autograd would record the whole functional step around torch.func.grad, and
+    # a training loop feeding g back into params would chain every step's graph (a leak of ~300 MB/step here).
+    assert all(v.grad_fn is None and not v.requires_grad for v in g.values())
+    bind.detach(model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable_before
