@@ -1,0 +1,641 @@
+"""RoAD: 2D rotary adaptation of a layer's output, as pure functions.
+
+RoAD (Liao & Monz, "3-in-1: 2D Rotary Adaptation for Efficient Finetuning, Efficient Batching and
+Composability", NeurIPS 2024, arXiv:2409.00119; PEFT's ``tuners/road``) multiplies the output of a linear
+layer by a block-structured matrix ``R``: ``y = R (W x + b)``. The output features are cut into groups of
+``group_size``; inside a group, element ``i`` (first half) is paired with element ``j = i + group_size/2``
+(second half), and each pair is mixed by a scaled 2D rotation
+
+.. code-block:: text
+
+    [y_i]   [f_i  -s_i] [x_i]        f = alpha * cos(theta)
+    [y_j] = [s_j   f_j] [x_j]        s = alpha * sin(theta)
+
+The variants differ only in how ``f`` and ``s`` are tied (shapes as PEFT's ``road_theta``/``road_alpha``):
+
+- ``road_1``: ``theta, alpha`` of shape ``(out/2,)``; a pair shares one angle and one scale (f_i = f_j,
+  s_i = s_j), so the block is ``alpha`` times a rotation and ``det = alpha^2``.
+- ``road_2``: shape ``(out,)``; one angle and scale per element, ``det = alpha_i alpha_j cos(theta_i -
+  theta_j)``, which is 0 when the two angles differ by pi/2 (mod pi) even with nonzero scales.
+- ``road_4``: shape ``(2*out,)`` viewed as ``(out/group_size, 2, group_size)``: ``[:, 0]`` gives the cosine
+  angle and scale (``f``), ``[:, 1]`` the sine angle and scale (``s``); ``det = f_i f_j + s_i s_j``.
+
+Since ``R`` acts on the output elementwise, merging is ``W' = R W`` and ``b' = R b``; this module does both
+row-pair by row-pair (O(out * in) work and memory, ``R`` is never built) and unmerges with the closed-form
+inverse of each 2x2 block, ``[[f_j, s_i], [-s_j, f_i]] / det``, refusing blocks too close to singular for
+the working dtype instead of returning inf/NaN.
+
+Scales and angles are turned into the per-pair mixing coefficients in at least float32 (float64 for float64
+params) and then cast to the working dtype, so bfloat16/float16 results are as close to the exact math as
+that dtype allows (PEFT computes them in the params' dtype).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from ._checks import check_choice, check_same_dtype_device, check_shape
+from .adapter import register
+
+__all__ = [
+    "VARIANTS",
+    "RoadParams",
+    "road_init",
+    "apply_road",
+    "road_matrix",
+    "road_merge",
+    "road_unmerge",
+    "RoadConfig",
+]
+
+VARIANTS: tuple[str, ...] = ("road_1", "road_2", "road_4")
+
+
+class RoadParams(NamedTuple):
+    """RoAD's trainable params for one layer: PEFT's ``road_theta`` and ``road_alpha``.
+
+    Both have the same shape and dtype: ``(out/2,)`` for road_1, ``(out,)`` for road_2, ``(2*out,)`` for
+    road_4 (layout ``(out/group_size, 2, group_size)``, see the module docstring).
+    """
+
+    theta: Tensor  # shape=(n,), angles in radians; identity init 0
+    alpha: Tensor  # shape=(n,), scales; identity init 1
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _check_group_size(group_size: Any, /) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got group_size={group_size!r} ({type(group_size).__name__})")
+    if group_size <= 0 or group_size % 2 != 0:
+        raise ValueError(
+            f"group_size={group_size} must be a positive even integer (RoAD pairs element i with i + group_size/2)"
+        )
+
+
+def _check_statics(variant: Any, group_size: Any, out_features: int, /) -> None:
+    check_choice("variant", variant, VARIANTS)
+    _check_group_size(group_size)
+    if out_features % group_size != 0:
+        raise ValueError(f"out_features={out_features} is not divisible by group_size={group_size}")
+
+
+def _param_size(variant: str, out_features: int, /) -> int:
+    return {"road_1": out_features // 2, "road_2": out_features, "road_4": 2 * out_features}[variant]
+
+
+def _out_features_of(params: RoadParams, variant: str, /) -> int:
+    """out_features implied by the params' length (road_matrix has no other source)."""
+    check_choice("variant", variant, VARIANTS)
+    theta = params.theta
+    if not isinstance(theta, Tensor):
+        raise TypeError(f"params.theta must be a torch.Tensor, got {type(theta).__name__}")
+    if theta.dim() != 1:
+        raise ValueError(f"params.theta has shape={tuple(theta.shape)}, expected a 1-D tensor")
+    n = theta.shape[0]
+    if variant == "road_4" and n % 2 != 0:
+        raise ValueError(f"params.theta has shape={(n,)}, which is not (2*out_features,) as variant='road_4' needs")
+    return {"road_1": 2 * n, "road_2": n, "road_4": n // 2}[variant]
+
+
+def _check_params(params: Any, variant: str, out_features: int, /) -> None:
+    if not (isinstance(params, tuple) and len(params) == 2):
+        raise TypeError(f"params must be a RoadParams(theta, alpha), got {type(params).__name__}")
+    theta, alpha = params
+    expected = (_param_size(variant, out_features),)
+    why = f"variant={variant!r}, out_features={out_features}"
+    check_shape("params.theta", theta, expected, why=why)
+    check_shape("params.alpha", alpha, expected, why=why)
+    if not theta.is_floating_point():
+        raise TypeError(f"params.theta.dtype={theta.dtype} is not a floating-point dtype")
+    check_same_dtype_device("params.theta", theta, "params.alpha", alpha)
+
+
+def _check_float(name: str, t: Any, /) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}.dtype={t.dtype} is not a floating-point dtype")
+
+
+def _compute_dtype(dtype: torch.dtype, /) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _cols(
+    params: RoadParams, /, *, variant: str, group_size: int, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(f_i, s_i, f_j, s_j), each "groups half" = (out/group_size, group_size/2), in ``dtype`` (default: at
+    least float32).
+
+    ``i`` runs over the first half of each group, ``j = i + group_size/2`` over the second half.
+    """
+    dt = _compute_dtype(params.theta.dtype) if dtype is None else dtype
+    theta, alpha = params.theta.to(dt), params.alpha.to(dt)
+    h = group_size // 2
+    if variant == "road_1":
+        theta, alpha = theta.unflatten(-1, (-1, h)), alpha.unflatten(-1, (-1, h))
+        f, s = alpha * theta.cos(), alpha * theta.sin()
+        return f, s, f, s
+    if variant == "road_2":
+        theta, alpha = theta.unflatten(-1, (-1, 2, h)), alpha.unflatten(-1, (-1, 2, h))
+        f, s = alpha * theta.cos(), alpha * theta.sin()
+    else:  # road_4: (groups, 2, group_size); [:, 0] -> cos part, [:, 1] -> sin part
+        theta, alpha = theta.unflatten(-1, (-1, 2, group_size)), alpha.unflatten(-1, (-1, 2, group_size))
+        f = (alpha[..., 0, :] * theta[..., 0, :].cos()).unflatten(-1, (2, h))
+        s = (alpha[..., 1, :] * theta[..., 1, :].sin()).unflatten(-1, (2, h))
+    return f[..., 0, :], s[..., 0, :], f[..., 1, :], s[..., 1, :]
+
+
+def _forward_pq(fi: Tensor, si: Tensor, fj: Tensor, sj: Tensor, /) -> tuple[Tensor, Tensor]:
+    """(p, q), each (groups, 2, half), such that ``out = p * x + q * swap(x)`` elementwise, where ``swap``
+    exchanges the two halves of every group: out_i = f_i x_i - s_i x_j, out_j = f_j x_j + s_j x_i."""
+    return torch.stack((fi, fj), dim=-2), torch.stack((-si, sj), dim=-2)
+
+
+def _inverse_pq(fi: Tensor, si: Tensor, fj: Tensor, sj: Tensor, det: Tensor, /) -> tuple[Tensor, Tensor]:
+    """(p, q) as in :func:`_forward_pq` for the inverse blocks [[f_j, s_i], [-s_j, f_i]] / det."""
+    r = det.reciprocal().unsqueeze(-2)
+    return torch.stack((fj, fi), dim=-2) * r, torch.stack((si, -sj), dim=-2) * r
+
+
+def _mix_last(p: Tensor, q: Tensor, y: Tensor, /, *, group_size: int) -> Tensor:
+    """``p * y + q * swap(y)`` over the last dim of ``y`` ("*batch out"), out of place."""
+    y4 = y.unflatten(-1, (-1, 2, group_size // 2))
+    swapped = torch.stack((y4[..., 1, :], y4[..., 0, :]), dim=-2).flatten(-3)
+    return torch.addcmul(y * p.flatten(-3), swapped, q.flatten(-3))
+
+
+def _plain_eager(*ts: Tensor) -> bool:
+    """True outside torch.compile tracing when no tensor is wrapped by a torch.func transform."""
+    if torch.compiler.is_compiling():
+        return False  # inductor fuses the out-of-place form anyway
+    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return is_wrapped is not None and not any(is_wrapped(t) for t in ts)
+
+
+def _mix_rows(p: Tensor, q: Tensor, w: Tensor, /, *, group_size: int) -> Tensor:
+    """The pair mixing of :func:`_mix_last` on the rows of ``w`` ("out in"): one fresh (out, in) tensor.
+
+    Eagerly, the accumulation is written into the product this function has just made (it saves a
+    full-size temporary: ~20-30 ms at 4096x4096 here), which plain autograd handles. Under torch.func
+    transforms (``addcmul_`` has no batching rule) and torch.compile it is done out of place.
+    """
+    # out rows of the first half = p_i W_i + q_i W_j, of the second half = q_j W_i + p_j W_j
+    c0 = torch.stack((p[..., 0, :], q[..., 1, :]), dim=-2).unsqueeze(-1)  # multiplies W_i (first half)
+    c1 = torch.stack((q[..., 0, :], p[..., 1, :]), dim=-2).unsqueeze(-1)  # multiplies W_j (second half)
+    w4 = w.unflatten(-2, (-1, 2, group_size // 2))
+    top, bottom = w4[..., 0:1, :, :], w4[..., 1:2, :, :]
+    if _plain_eager(c0, c1, w):
+        out = (c0 * top).addcmul_(c1, bottom)
+    else:
+        out = torch.addcmul(c0 * top, c1, bottom)
+    return out.flatten(-4, -2)
+
+
+def _check_invertible(fi: Tensor, si: Tensor, fj: Tensor, sj: Tensor, det: Tensor, dtype: torch.dtype, /) -> None:
+    """ValueError naming the first block whose inverse is meaningless in ``dtype`` (|det| <= eps ||B||_F^2).
+
+    ``||B||_F^2 / |det| = sigma_max/sigma_min + sigma_min/sigma_max`` bounds the block's condition number,
+    so this refuses blocks whose condition number reaches ~1/eps, as well as zero or non-finite ones.
+    """
+    fro2 = fi * fi + si * si + fj * fj + sj * sj
+    eps = torch.finfo(dtype).eps
+    bad = ~(det.abs() > eps * fro2)  # also true for NaN/inf
+    try:
+        any_bad = bool(bad.any())
+    except RuntimeError as e:  # vmap cannot branch on values
+        raise RuntimeError(
+            "road_unmerge(check=True) reads the blocks' determinants, which torch.func.vmap cannot do: pass "
+            "check=False under vmap (near-singular blocks then give inf/NaN instead of an error)"
+        ) from e
+    if any_bad:
+        h = det.shape[-1]
+        flat = bad.flatten().nonzero()
+        first = int(flat[0, 0])
+        g, k = divmod(first, h)
+        i, j = g * 2 * h + k, g * 2 * h + k + h
+        d = float(det.flatten()[first])
+        raise ValueError(
+            f"cannot unmerge: the 2x2 RoAD block of group {g}, pair {k} (rows {i} and {j}) has determinant "
+            f"det={d:.6g}, too close to singular to invert in {dtype} (|det| <= eps * ||block||_F^2 = "
+            f"{eps * float(fro2.flatten()[first]):.3g}); {int(flat.shape[0])} of {bad.numel()} blocks are. "
+            "For road_2/road_4 a block is singular when its two angles differ by pi/2 (mod pi) or a scale is 0."
+        )
+
+
+def _merge(params: RoadParams, weight: Tensor, bias: Tensor | None, /, *, variant: str, group_size: int):
+    """road_merge without the same-dtype check (coefficients cast to the weight's dtype, as PEFT casts R)."""
+    p, q = _forward_pq(*_cols(params, variant=variant, group_size=group_size))
+    return _apply_rows(p, q, weight, bias, group_size=group_size)
+
+
+def _apply_rows(p: Tensor, q: Tensor, weight: Tensor, bias: Tensor | None, /, *, group_size: int):
+    new_w = _mix_rows(p.to(weight.dtype), q.to(weight.dtype), weight, group_size=group_size)
+    new_b = None if bias is None else _mix_last(p.to(bias.dtype), q.to(bias.dtype), bias, group_size=group_size)
+    return new_w, new_b
+
+
+def _unmerge(
+    params: RoadParams, weight: Tensor, bias: Tensor | None, /, *, variant: str, group_size: int, check: bool
+):
+    # f_i f_j + s_i s_j cancels for ill-conditioned blocks: form it and the inverse coefficients in float64
+    # (O(out) work) so that the only rounding left is that of the working dtype
+    dt = torch.float32 if params.theta.device.type == "mps" else torch.float64
+    fi, si, fj, sj = _cols(params, variant=variant, group_size=group_size, dtype=dt)
+    det = fi * fj + si * sj
+    if check:
+        dtypes = [weight.dtype] if bias is None else [weight.dtype, bias.dtype]
+        coarsest = max(dtypes, key=lambda d: torch.finfo(d).eps)
+        _check_invertible(fi, si, fj, sj, det, coarsest)
+    p, q = _inverse_pq(fi, si, fj, sj, det)
+    return _apply_rows(p, q, weight, bias, group_size=group_size)
+
+
+def _check_merge_inputs(params: Any, weight: Any, bias: Any, variant: Any, group_size: Any, /) -> None:
+    _check_float("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight has shape={tuple(weight.shape)}, expected a 2-D (out_features, in_features) tensor")
+    out_features = weight.shape[0]
+    _check_statics(variant, group_size, out_features)
+    _check_params(params, variant, out_features)
+    if bias is not None:
+        _check_float("bias", bias)
+        check_shape("bias", bias, (out_features,), why=f"weight has shape={tuple(weight.shape)}")
+
+
+def _check_same_device(params: RoadParams, weight: Tensor, bias: Tensor | None, /) -> None:
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != params.theta.device:
+            raise ValueError(
+                f"params.theta.device={params.theta.device} differs from {name}.device={t.device}; move one of them"
+            )
+
+
+# -------------------------------------------------------------------------------------------------- init
+
+
+def road_init(
+    out_features: int,
+    /,
+    *,
+    variant: str,
+    group_size: int,
+    init_weights: bool = True,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> RoadParams:
+    """Fresh RoAD params for a layer with ``out_features`` outputs, with PEFT's shapes and init.
+
+    Args:
+        out_features: the adapted layer's output size; must be divisible by ``group_size``.
+        variant: ``"road_1"``, ``"road_2"`` or ``"road_4"``.
+        group_size: a positive even integer dividing ``out_features``.
+        init_weights: True (PEFT's default) gives the identity, theta = 0 and alpha = 1. False gives PEFT's
+            random init theta ~ N(0, 0.5), alpha ~ N(1, 0.5) (std 0.5), drawn in that order from ``generator``
+            in the default dtype and then cast, so ``generator=None`` after ``torch.manual_seed(s)`` reproduces
+            PEFT's draw.
+        generator: the source of randomness for ``init_weights=False``.
+        dtype: floating dtype of the params (default: ``torch.get_default_dtype()``).
+        device: device of the params.
+
+    Returns:
+        ``RoadParams(theta, alpha)``, each of shape ``(out/2,)``, ``(out,)`` or ``(2*out,)`` for road_1/2/4.
+
+    Examples:
+        >>> p = road_init(8, variant="road_2", group_size=4)
+        >>> p.theta.shape, bool((p.alpha == 1).all())
+        (torch.Size([8]), True)
+    """
+    if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features <= 0:
+        raise ValueError(f"out_features={out_features!r} must be a positive int")
+    _check_statics(variant, group_size, out_features)
+    if not isinstance(init_weights, bool):
+        raise TypeError(f"init_weights={init_weights!r} must be a bool")
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype={dtype} is not a floating-point dtype")
+    n = _param_size(variant, out_features)
+    if init_weights:
+        return RoadParams(torch.zeros(n, dtype=dtype, device=device), torch.ones(n, dtype=dtype, device=device))
+    draw = dict(size=(n,), generator=generator, dtype=torch.get_default_dtype(), device=device)
+    theta = torch.normal(0.0, 0.5, **draw)
+    alpha = torch.normal(1.0, 0.5, **draw)
+    return RoadParams(theta.to(dtype), alpha.to(dtype))
+
+
+# ------------------------------------------------------------------------------------------------- apply
+
+
+def apply_road(params: RoadParams, y: Tensor, /, *, variant: str, group_size: int) -> Tensor:
+    """Rotate-and-scale the last dim of ``y``: ``R y`` without building ``R``.
+
+    Equals PEFT's ``peft.tuners.road.layer._apply_road(variant, group_size, theta, alpha, y)``.
+
+    Args:
+        params: ``RoadParams`` with the same dtype and device as ``y``.
+        y: "*batch out", e.g. the output of the base layer.
+        variant: ``"road_1"``, ``"road_2"`` or ``"road_4"``.
+        group_size: a positive even integer dividing ``out``.
+
+    Returns:
+        "*batch out", same dtype as ``y``.
+
+    Examples:
+        >>> p = road_init(4, variant="road_1", group_size=4)
+        >>> apply_road(p, torch.arange(4.0), variant="road_1", group_size=4)
+        tensor([0., 1., 2., 3.])
+    """
+    _check_float("y", y)
+    if y.dim() < 1:
+        raise ValueError(f"y has shape={tuple(y.shape)}, expected at least one dim (*batch out)")
+    out_features = y.shape[-1]
+    _check_statics(variant, group_size, out_features)
+    _check_params(params, variant, out_features)
+    check_same_dtype_device("params.theta", params.theta, "y", y)
+    p, q = _forward_pq(*_cols(params, variant=variant, group_size=group_size))
+    return _mix_last(p.to(y.dtype), q.to(y.dtype), y, group_size=group_size)
+
+
+# ------------------------------------------------------------------------------------------------ matrix
+
+
+def road_matrix(params: RoadParams, /, *, variant: str, group_size: int) -> Tensor:
+    """The dense ``(out, out)`` matrix ``R`` (PEFT's ``_get_delta_weight``): for reference and tests only.
+
+    ``out`` is read off the params' length (``2n``, ``n`` or ``n/2`` for road_1/2/4).
+
+    Returns:
+        "out out", in the params' dtype, with ``apply_road(params, y) == y @ R.T``.
+    """
+    out_features = _out_features_of(params, variant)
+    _check_statics(variant, group_size, out_features)
+    _check_params(params, variant, out_features)
+    eye = torch.eye(out_features, dtype=params.theta.dtype, device=params.theta.device)
+    return _merge(params, eye, None, variant=variant, group_size=group_size)[0]
+
+
+# ------------------------------------------------------------------------------------------------- merge
+
+
+def road_merge(
+    params: RoadParams, weight: Tensor, bias: Tensor | None = None, /, *, variant: str, group_size: int
+) -> tuple[Tensor, Tensor | None]:
+    """Fold RoAD into a linear layer: ``(R W, R b)`` with O(out * in) work, never building ``R``.
+
+    ``F.linear(x, W', b') == apply_road(params, F.linear(x, W, b))``. Inputs are not modified.
+
+    Args:
+        params: ``RoadParams`` with the weight's dtype and device.
+        weight: "out in".
+        bias: "out" or None.
+        variant, group_size: as in :func:`apply_road`.
+
+    Returns:
+        ``(W', b')``: new tensors, "out in" and "out" (``None`` when ``bias`` is None).
+    """
+    _check_merge_inputs(params, weight, bias, variant, group_size)
+    check_same_dtype_device("params.theta", params.theta, "weight", weight)
+    if bias is not None:
+        check_same_dtype_device("weight", weight, "bias", bias)
+    return _merge(params, weight, bias, variant=variant, group_size=group_size)
+
+
+# ----------------------------------------------------------------------------------------------- unmerge
+
+
+def road_unmerge(
+    params: RoadParams,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    /,
+    *,
+    variant: str,
+    group_size: int,
+    check: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Undo :func:`road_merge`: ``(R^-1 W', R^-1 b')`` from the closed-form inverse of each 2x2 block.
+
+    Each block ``[[f_i, -s_i], [s_j, f_j]]`` is inverted as ``[[f_j, s_i], [-s_j, f_i]] / det`` with
+    ``det = f_i f_j + s_i s_j`` (no ``linalg.inv``, O(out * in)).
+
+    Args:
+        params: ``RoadParams`` with the weight's dtype and device.
+        weight: "out in", a merged weight.
+        bias: "out" or None.
+        variant, group_size: as in :func:`apply_road`.
+        check: refuse near-singular blocks (the default). The check reads tensor values, so pass
+            ``check=False`` under ``torch.func.vmap`` or ``torch.compile(fullgraph=True)``; singular blocks
+            then give inf/NaN.
+
+    Returns:
+        ``(W, b)``: new tensors ("out in", "out" or None).
+
+    Raises:
+        ValueError: naming the first group/pair and its determinant when a block has
+            ``|det| <= eps(dtype) * ||block||_F^2`` (condition number ~1/eps or worse), is zero or non-finite.
+    """
+    _check_merge_inputs(params, weight, bias, variant, group_size)
+    check_same_dtype_device("params.theta", params.theta, "weight", weight)
+    if bias is not None:
+        check_same_dtype_device("weight", weight, "bias", bias)
+    return _unmerge(params, weight, bias, variant=variant, group_size=group_size, check=check)
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+# Keys that PEFT writes into every adapter_config.json (or that other PEFT configs share) and that carry no
+# RoAD math: accepted and ignored by RoadConfig.from_peft_dict.
+_PEFT_GENERIC_KEYS = frozenset(
+    {
+        "base_model_name_or_path",
+        "revision",
+        "task_type",
+        "inference_mode",
+        "peft_type",
+        "auto_mapping",
+        "peft_version",
+        "layers_to_transform",
+        "layers_pattern",
+        "modules_to_save",
+    }
+)
+
+
+def _normalize_modules(name: str, value: Any, /) -> str | frozenset[str] | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        return frozenset(value)  # PEFT turns a list into a set too
+    raise TypeError(f"{name}={value!r} must be None, a regex string or a list of module names")
+
+
+def _modules_to_json(value: str | frozenset[str] | None, /) -> str | list[str] | None:
+    return sorted(value) if isinstance(value, frozenset) else value
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class RoadConfig:
+    """RoAD adapter configuration: PEFT's ``RoadConfig`` fields and defaults, as an :class:`Adapter`.
+
+    Args:
+        variant: ``"road_1"`` (default), ``"road_2"`` or ``"road_4"``.
+        group_size: positive even integer (default 64) dividing every targeted layer's ``out_features``.
+        init_weights: True (default) for the identity init, False for PEFT's random init.
+        target_modules: a regex string or a list of module names (stored as a frozenset, as PEFT stores a
+            set); None lets the shims choose.
+        exclude_modules: like ``target_modules``, for modules to skip. PEFT 0.21.2's RoadConfig has no such
+            field; ``to_peft_dict`` writes it only when set (PEFT then warns and ignores it).
+
+    RoAD has no dropout and no shared (model-wide) state.
+    """
+
+    peft_type: ClassVar[str] = "ROAD"
+    # checkpoint keys: params field -> PEFT state-dict suffix
+    peft_param_names: ClassVar[dict[str, str]] = {"theta": "road_theta", "alpha": "road_alpha"}
+
+    variant: str = "road_1"
+    group_size: int = 64
+    init_weights: bool = True
+    target_modules: str | frozenset[str] | None = None
+    exclude_modules: str | frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("variant", self.variant, VARIANTS)
+        _check_group_size(self.group_size)
+        if not isinstance(self.init_weights, bool):
+            raise TypeError(f"init_weights={self.init_weights!r} must be a bool")
+        object.__setattr__(self, "target_modules", _normalize_modules("target_modules", self.target_modules))
+        object.__setattr__(self, "exclude_modules", _normalize_modules("exclude_modules", self.exclude_modules))
+
+    def _statics(self) -> dict:
+        return {"variant": self.variant, "group_size": self.group_size}
+
+    def init(
+        self,
+        in_features: int,
+        out_features: int,
+        /,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> RoadParams:
+        """:func:`road_init` for a layer of ``out_features`` outputs (``in_features`` is unused)."""
+        return road_init(
+            out_features,
+            **self._statics(),
+            init_weights=self.init_weights,
+            generator=generator,
+            dtype=dtype,
+            device=device,
+        )
+
+    def init_shared(
+        self,
+        shapes: Sequence[tuple[int, int]],
+        /,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """RoAD has no model-wide state: always None."""
+        return None
+
+    def apply(
+        self,
+        params: RoadParams,
+        x: Tensor,
+        base: Callable[[Tensor], Tensor],
+        /,
+        *,
+        in_features: int,
+        out_features: int,
+        shared: tuple[Tensor, ...] | None = None,
+        training: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """``apply_road(params, base(x))``; like PEFT's forward, ``base(x)`` is rotated in the params' dtype
+        and cast back to its own dtype. RoAD has no dropout: ``training``/``generator`` change nothing.
+
+        Args:
+            x: "*batch in". Returns "*batch out" in the dtype of ``base(x)``.
+        """
+        y = base(x)
+        if y.shape[-1] != out_features:
+            raise ValueError(f"base(x) has shape={tuple(y.shape)}, expected last dim out_features={out_features}")
+        out = apply_road(params, y.to(params.theta.dtype), **self._statics())
+        return out.to(y.dtype)
+
+    def merge(
+        self,
+        params: RoadParams,
+        weight: Tensor,
+        bias: Tensor | None,
+        /,
+        *,
+        shared: tuple[Tensor, ...] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(R W, R b)``; params may have another float dtype than the weight (the coefficients are
+        computed from the params, then cast to the weight's dtype, as PEFT casts its ``R``)."""
+        _check_merge_inputs(params, weight, bias, self.variant, self.group_size)
+        _check_same_device(params, weight, bias)
+        return _merge(params, weight, bias, **self._statics())
+
+    def unmerge(
+        self,
+        params: RoadParams,
+        weight: Tensor,
+        bias: Tensor | None,
+        /,
+        *,
+        shared: tuple[Tensor, ...] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The inverse of :meth:`merge` (closed-form 2x2 inverses; ValueError on near-singular blocks)."""
+        _check_merge_inputs(params, weight, bias, self.variant, self.group_size)
+        _check_same_device(params, weight, bias)
+        return _unmerge(params, weight, bias, **self._statics(), check=True)
+
+    def num_params(self, in_features: int, out_features: int, /) -> int:
+        """``theta.numel() + alpha.numel()``, as PEFT counts: out, 2*out or 4*out for road_1/2/4."""
+        _check_statics(self.variant, self.group_size, out_features)
+        return 2 * _param_size(self.variant, out_features)
+
+    def to_peft_dict(self) -> dict:
+        """PEFT's ``RoadConfig`` fields as a JSON-ready dict (``peft.RoadConfig(**d)`` accepts it)."""
+        d = {
+            "peft_type": self.peft_type,
+            "variant": self.variant,
+            "group_size": self.group_size,
+            "init_weights": self.init_weights,
+            "target_modules": _modules_to_json(self.target_modules),
+        }
+        if self.exclude_modules is not None:
+            d["exclude_modules"] = _modules_to_json(self.exclude_modules)
+        return d
+
+    @classmethod
+    def from_peft_dict(cls, d: Mapping[str, Any], /) -> RoadConfig:
+        """A config from what PEFT's ``adapter_config.json`` holds for RoAD.
+
+        PEFT's generic keys (``base_model_name_or_path``, ``task_type``, ``modules_to_save``, ...) are ignored;
+        any other unknown key, or a ``peft_type`` other than ROAD, raises ValueError naming it.
+        """
+        if not isinstance(d, Mapping):
+            raise TypeError(f"expected a mapping of PEFT config fields, got {type(d).__name__}")
+        peft_type = d.get("peft_type")
+        if peft_type is not None and str(getattr(peft_type, "value", peft_type)).upper() != cls.peft_type:
+            raise ValueError(f"peft_type={peft_type!r} is not {cls.peft_type!r}; use rotfunc.config_for_peft_type")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in d if k not in fields and k not in _PEFT_GENERIC_KEYS)
+        if unknown:
+            raise ValueError(f"unknown RoAD config key(s) {unknown}; known fields are {sorted(fields)}")
+        return cls(**{k: v for k, v in d.items() if k in fields})
