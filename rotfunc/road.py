@@ -599,10 +599,14 @@ class RoadConfig:
         *,
         shared: tuple[Tensor, ...] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """The inverse of :meth:`merge` (closed-form 2x2 inverses; ValueError on near-singular blocks)."""
+        """The inverse of :meth:`merge` (closed-form 2x2 inverses).
+
+        Eagerly, near-singular blocks raise ValueError naming the group; under torch.func transforms and
+        torch.compile (where reading tensor values is impossible) the check is skipped, as with ``check=False``.
+        """
         _check_merge_inputs(params, weight, bias, self.variant, self.group_size)
         _check_same_device(params, weight, bias)
-        return _unmerge(params, weight, bias, **self._statics(), check=True)
+        return _unmerge(params, weight, bias, **self._statics(), check=_plain_eager(*params, weight))
 
     def num_params(self, in_features: int, out_features: int, /) -> int:
         """``theta.numel() + alpha.numel()``, as PEFT counts: out, 2*out or 4*out for road_1/2/4."""

@@ -394,13 +394,7 @@ def test_vmap_over_params_matches_loop(case, kind):
 
 
 # Contract failures found by this suite in files this suite may not edit: (peft_type, test) -> reason.
-KNOWN_FAILURES = {
-    ("ROAD", "vmap_merge_unmerge"): (
-        "RoadConfig.unmerge always calls road_unmerge's singular-block check (check=True), which reads tensor "
-        "values (bool(bad.any())) and so raises under torch.func.vmap (and breaks torch.compile(fullgraph=True)); "
-        "the Adapter protocol's unmerge has no way to pass check=False (rotfunc/road.py RoadConfig.unmerge)"
-    ),
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 def with_known_failures(test: str):
