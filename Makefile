@@ -26,5 +26,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests --nbmake notebooks
 
+# THP_MEM_ALLOC_ENABLE: torch's CPU allocator backs large tensors with transparent huge pages, for rotfunc
+# and PEFT alike (same process); at 4096x4096 first-touch page faults otherwise dominate a merge.
 bench: $(STAMP)
-	$(PY) -m benchmarks $(ARGS)
+	THP_MEM_ALLOC_ENABLE=1 $(PY) -m benchmarks $(ARGS)
