@@ -20,12 +20,13 @@ Adding a fourth adapter means one new file with its params, pure functions and a
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Protocol, Sequence, runtime_checkable
+import dataclasses
+from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
 
-__all__ = ["Adapter", "REGISTRY", "register", "config_for_peft_type"]
+__all__ = ["Adapter", "REGISTRY", "register", "config_for_peft_type", "GENERIC_PEFT_KEYS", "peft_dict", "peft_kwargs"]
 
 
 @runtime_checkable
@@ -144,3 +145,48 @@ def config_for_peft_type(peft_type: str) -> type:
 def _load_builtin() -> None:
     # The one line per adapter: importing the module registers its config.
     from . import oft, randlora, road  # noqa: F401
+
+
+# Keys PEFT writes into every adapter_config.json (or that other PEFT configs share) that carry no adapter math:
+# accepted and ignored when reading a config.
+GENERIC_PEFT_KEYS = frozenset({
+    "base_model_name_or_path", "revision", "task_type", "inference_mode", "peft_type", "auto_mapping",
+    "peft_version", "layers_to_transform", "layers_pattern", "modules_to_save",
+})
+
+
+def peft_dict(config: Any, /, *, omit_if_none: tuple[str, ...] = ("exclude_modules",)) -> dict[str, Any]:
+    """A frozen-dataclass config as PEFT's JSON-ready config dict: its fields plus ``peft_type``.
+
+    Module-name collections become sorted lists (tuples keep their order); fields named in ``omit_if_none``
+    are left out when None (``exclude_modules`` is not a field of every PEFT 0.21.2 config).
+    """
+    d: dict[str, Any] = {"peft_type": config.peft_type}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None and f.name in omit_if_none:
+            continue
+        if isinstance(value, (set, frozenset)):
+            value = sorted(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        d[f.name] = value
+    return d
+
+
+def peft_kwargs(cls: type, d: Mapping[str, Any], /) -> dict[str, Any]:
+    """The constructor keywords of config class ``cls`` from PEFT's config dict ``d``.
+
+    PEFT's generic keys are dropped; a ``peft_type`` other than ``cls.peft_type`` or any other unknown key
+    raises ValueError naming it.
+    """
+    if not isinstance(d, Mapping):
+        raise TypeError(f"expected a mapping of PEFT config fields, got {type(d).__name__}")
+    peft_type = d.get("peft_type")
+    if peft_type is not None and str(getattr(peft_type, "value", peft_type)).upper() != cls.peft_type:
+        raise ValueError(f"peft_type={peft_type!r} is not {cls.peft_type!r}; use rotfunc.config_for_peft_type")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in d if k not in known and k not in GENERIC_PEFT_KEYS)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} config key(s) {unknown}; known fields are {sorted(known)}")
+    return {k: v for k, v in d.items() if k in known}

@@ -48,7 +48,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ._checks import check_choice
-from .adapter import register
+from .adapter import peft_dict, peft_kwargs, register
 from .linalg import block_inverse, cayley, cayley_neumann, skew
 
 __all__ = [
@@ -496,13 +496,6 @@ def coft_project(params: OFTParams, /, *, eps: float, block_size: int) -> OFTPar
 
 # ----------------------------------------------------------------------------------------------- config
 
-# Keys of PEFT's adapter_config.json that are not OFT's math: accepted and ignored by from_peft_dict.
-_GENERIC_PEFT_KEYS = frozenset({
-    "base_model_name_or_path", "revision", "task_type", "inference_mode", "peft_type", "auto_mapping",
-    "peft_version", "layers_to_transform", "layers_pattern", "modules_to_save",
-})
-
-
 @register
 @dataclass(frozen=True)
 class OFTConfig:
@@ -665,29 +658,19 @@ class OFTConfig:
 
     def to_peft_dict(self) -> dict[str, Any]:
         """PEFT's ``OFTConfig`` fields (what its ``adapter_config.json`` holds, minus generic keys)."""
-        d: dict[str, Any] = {"peft_type": self.peft_type}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            d[f.name] = list(value) if isinstance(value, tuple) else value
-        return d
+        return peft_dict(self, omit_if_none=())
 
     @classmethod
-    def from_peft_dict(cls, d: Mapping[str, Any]) -> "OFTConfig":
+    def from_peft_dict(cls, d: Mapping[str, Any], /) -> "OFTConfig":
         """A config from PEFT's ``adapter_config.json`` dict; ValueError naming any unknown key.
 
         As PEFT's ``check_kwargs``: a dict without ``oft_block_size`` is a pre-0.14 OFT adapter, whose weights
         are incompatible (ValueError).
         """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in d if k not in known and k not in _GENERIC_PEFT_KEYS)
-        if unknown:
-            raise ValueError(f"unknown OFT config keys {unknown}; known fields are {sorted(known)}")
-        peft_type = d.get("peft_type")
-        if peft_type is not None and str(getattr(peft_type, "value", peft_type)).upper() != cls.peft_type:
-            raise ValueError(f"peft_type={peft_type!r} is not {cls.peft_type!r}")
+        kwargs = peft_kwargs(cls, d)
         if "oft_block_size" not in d:
             raise ValueError(
                 "this OFT config has no 'oft_block_size': it comes from PEFT < 0.14, whose OFT weights are "
                 f"incompatible (keys: {sorted(d)})"
             )
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**kwargs)

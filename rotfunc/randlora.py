@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_choice
-from .adapter import register
+from .adapter import peft_dict, peft_kwargs, register
 
 __all__ = [
     "RandLoraBases",
@@ -507,13 +507,6 @@ def randlora_unmerge(params: RandLoraParams, bases: RandLoraBases, weight: Tenso
 
 # ---------------------------------------------------------------------------------------------- config
 
-# Keys of PEFT's adapter_config.json that are not RandLoRA's math: accepted and ignored by from_peft_dict.
-_GENERIC_PEFT_KEYS = frozenset({
-    "base_model_name_or_path", "revision", "task_type", "inference_mode", "peft_type", "auto_mapping",
-    "peft_version", "layers_to_transform", "layers_pattern", "modules_to_save",
-})
-
-
 @register
 @dataclass(frozen=True)
 class RandLoraConfig:
@@ -668,25 +661,12 @@ class RandLoraConfig:
 
     def to_peft_dict(self) -> dict[str, Any]:
         """PEFT's ``RandLoraConfig`` fields (what its ``adapter_config.json`` holds, minus generic keys)."""
-        d: dict[str, Any] = {"peft_type": self.peft_type}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "exclude_modules" and value is None:
-                continue  # not a field of PEFT 0.21.2's RandLoraConfig
-            d[f.name] = list(value) if isinstance(value, tuple) else value
-        return d
+        return peft_dict(self)  # exclude_modules only when set: not a field of PEFT 0.21.2's RandLoraConfig
 
     @classmethod
-    def from_peft_dict(cls, d: Mapping[str, Any]) -> "RandLoraConfig":
+    def from_peft_dict(cls, d: Mapping[str, Any], /) -> "RandLoraConfig":
         """A config from PEFT's ``adapter_config.json`` dict; ValueError naming any unknown key."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in d if k not in known and k not in _GENERIC_PEFT_KEYS)
-        if unknown:
-            raise ValueError(f"unknown RandLoRA config keys {unknown}; known fields are {sorted(known)}")
-        peft_type = d.get("peft_type")
-        if peft_type is not None and str(getattr(peft_type, "value", peft_type)).upper() != cls.peft_type:
-            raise ValueError(f"peft_type={peft_type!r} is not {cls.peft_type!r}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**peft_kwargs(cls, d))
 
     def _bases(self, shared: Any) -> RandLoraBases:
         if shared is None:

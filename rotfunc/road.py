@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_choice, check_same_dtype_device, check_shape
-from .adapter import register
+from .adapter import peft_dict, peft_kwargs, register
 
 __all__ = [
     "VARIANTS",
@@ -451,34 +451,12 @@ def road_unmerge(
 
 # ------------------------------------------------------------------------------------------------ config
 
-# Keys that PEFT writes into every adapter_config.json (or that other PEFT configs share) and that carry no
-# RoAD math: accepted and ignored by RoadConfig.from_peft_dict.
-_PEFT_GENERIC_KEYS = frozenset(
-    {
-        "base_model_name_or_path",
-        "revision",
-        "task_type",
-        "inference_mode",
-        "peft_type",
-        "auto_mapping",
-        "peft_version",
-        "layers_to_transform",
-        "layers_pattern",
-        "modules_to_save",
-    }
-)
-
-
 def _normalize_modules(name: str, value: Any, /) -> str | frozenset[str] | None:
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
         return frozenset(value)  # PEFT turns a list into a set too
     raise TypeError(f"{name}={value!r} must be None, a regex string or a list of module names")
-
-
-def _modules_to_json(value: str | frozenset[str] | None, /) -> str | list[str] | None:
-    return sorted(value) if isinstance(value, frozenset) else value
 
 
 @register
@@ -615,16 +593,7 @@ class RoadConfig:
 
     def to_peft_dict(self) -> dict:
         """PEFT's ``RoadConfig`` fields as a JSON-ready dict (``peft.RoadConfig(**d)`` accepts it)."""
-        d = {
-            "peft_type": self.peft_type,
-            "variant": self.variant,
-            "group_size": self.group_size,
-            "init_weights": self.init_weights,
-            "target_modules": _modules_to_json(self.target_modules),
-        }
-        if self.exclude_modules is not None:
-            d["exclude_modules"] = _modules_to_json(self.exclude_modules)
-        return d
+        return peft_dict(self)  # exclude_modules only when set: not a field of PEFT 0.21.2's RoadConfig
 
     @classmethod
     def from_peft_dict(cls, d: Mapping[str, Any], /) -> RoadConfig:
@@ -633,13 +602,4 @@ class RoadConfig:
         PEFT's generic keys (``base_model_name_or_path``, ``task_type``, ``modules_to_save``, ...) are ignored;
         any other unknown key, or a ``peft_type`` other than ROAD, raises ValueError naming it.
         """
-        if not isinstance(d, Mapping):
-            raise TypeError(f"expected a mapping of PEFT config fields, got {type(d).__name__}")
-        peft_type = d.get("peft_type")
-        if peft_type is not None and str(getattr(peft_type, "value", peft_type)).upper() != cls.peft_type:
-            raise ValueError(f"peft_type={peft_type!r} is not {cls.peft_type!r}; use rotfunc.config_for_peft_type")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in d if k not in fields and k not in _PEFT_GENERIC_KEYS)
-        if unknown:
-            raise ValueError(f"unknown RoAD config key(s) {unknown}; known fields are {sorted(fields)}")
-        return cls(**{k: v for k, v in d.items() if k in fields})
+        return cls(**peft_kwargs(cls, d))

@@ -452,7 +452,7 @@ def test_config_peft_dict_round_trip():
     peft_cfg = PeftOFTConfig(**{k: v for k, v in d.items() if k != "peft_type"})
     again = OFTConfig.from_peft_dict(peft_cfg.to_dict())
     assert again == cfg and again.target_modules == ("q", "v")
-    with pytest.raises(ValueError, match=r"unknown OFT config keys \['lora_alpha'\]"):
+    with pytest.raises(ValueError, match=r"unknown OFTConfig config key\(s\) \['lora_alpha'\]"):
         OFTConfig.from_peft_dict({**d, "lora_alpha": 8})
     with pytest.raises(ValueError, match="no 'oft_block_size'"):
         OFTConfig.from_peft_dict({"r": 4})

@@ -690,7 +690,7 @@ def test_peft_dict_round_trip(tmp_path):
     assert RoadConfig.from_peft_dict(theirs.to_dict()) == cfg  # enum peft_type and a set of modules
     assert RoadConfig.from_peft_dict({}) == RoadConfig()
     assert RoadConfig(target_modules=".*attn.*", exclude_modules=["x"]).to_peft_dict()["exclude_modules"] == ["x"]
-    with pytest.raises(ValueError, match=r"unknown RoAD config key\(s\) \['r', 'zzz'\]"):
+    with pytest.raises(ValueError, match=r"unknown RoadConfig config key\(s\) \['r', 'zzz'\]"):
         RoadConfig.from_peft_dict({**saved, "zzz": 1, "r": 8})
     with pytest.raises(ValueError, match=r"peft_type='LORA' is not 'ROAD'"):
         RoadConfig.from_peft_dict({**saved, "peft_type": "LORA"})
