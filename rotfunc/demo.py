@@ -34,7 +34,7 @@ import torch
 __all__ = ["METHODS", "DemoError", "stdlib_sentences", "run_demo", "load_minilm", "DEFAULT_LR"]
 
 METHODS = ("road", "oft", "randlora")
-DEFAULT_LR = {"road": 2e-3, "oft": 2e-3, "randlora": 2e-3}
+DEFAULT_LR = {"road": 3e-3, "oft": 5e-4, "randlora": 1e-3}
 
 _DOC_MODULES = (
     "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "concurrent.futures", "configparser",
@@ -214,7 +214,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         if world > 1:
             for v in g.values():
                 dist.all_reduce(v, op=dist.ReduceOp.SUM)
-        params, state = _adam(params, g, state, lr=lr, step=step)
+        if args.optimizer == "sgd":
+            params = {k: v - lr * g[k] for k, v in params.items()}
+        else:
+            params, state = _adam(params, g, state, lr=lr, step=step)
         step_times.append(time.perf_counter() - t0)
         with torch.no_grad():
             loss = loss_fn(params, batch, target, float(len(mine))).item()
@@ -242,6 +245,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "lr": lr,
+        "optimizer": args.optimizer,
         "world_size": world,
         "cos_before": cos_before,
         "cos_after": cos_after,
