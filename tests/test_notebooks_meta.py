@@ -45,7 +45,7 @@ def test_notebook_is_committed_executed_in_order_without_errors(path):
 
 def _uses_hub_stack(path):
     text = "\n".join(c.source for c in _code_cells(nbformat.read(path, as_version=4)))
-    return any(m in text for m in ("rotfunc.demo", "peft", "transformers", "load_minilm"))
+    return any(m in text for m in ("rotfunc.demo", "import peft", "from peft", "transformers", "load_minilm"))
 
 
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if _uses_hub_stack(p)], ids=lambda p: p.name)
