@@ -135,4 +135,6 @@ COLUMNS = [
 ]
 
 if __name__ == "__main__":
-    print(format_table(rows(), COLUMNS))
+    import sys
+
+    print(format_table(rows(quick="--quick" in sys.argv[1:]), COLUMNS))

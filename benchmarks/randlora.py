@@ -79,6 +79,7 @@ def _row(name, ours, theirs, target="", **extra):
 
 
 def rows(quick: bool = False) -> list[dict]:
+    """Merge + unmerge, forward and forward-memory rows (see the module docstring)."""
     out = []
     sizes = [128] if quick else [1024, 4096]
     reps = 1 if quick else 3
@@ -98,6 +99,15 @@ def rows(quick: bool = False) -> list[dict]:
         out.append(_row(f"merge+unmerge {n}x{n} fp32 r={R}", timeit(ours, repeats=reps), timeit(theirs, repeats=reps), ">= 1x"))
         del layer, cfg, bases, params, W
 
+    out += forward_rows(quick)
+    out += memory_rows(quick)
+    return out
+
+
+def forward_rows(quick: bool = False) -> list[dict]:
+    """Forward (base + adapter) at 4096 x 4096 (``quick``: 128) for batches of 8 and 2048, rotfunc vs PEFT."""
+    out = []
+    reps = 1 if quick else 3
     n = 128 if quick else 4096
     layer, cfg, bases, params = _setup(n)
     base = layer.base_layer
@@ -117,6 +127,16 @@ def rows(quick: bool = False) -> list[dict]:
             timeit(ours_fwd, repeats=2 * reps + 1), timeit(peft_fwd, repeats=2 * reps + 1), ">= 1x",
         ))
 
+    return out
+
+
+def memory_rows(quick: bool = False) -> list[dict]:
+    """Peak RSS of one adapter-only forward at 4096 x 4096, batch 8: apply_randlora vs PEFT vs the dense delta."""
+    out = []
+    reps = 1 if quick else 3
+    n = 128 if quick else 4096
+    layer, cfg, bases, params = _setup(n)
+    base = layer.base_layer
     x = torch.randn(8, n, generator=torch.Generator().manual_seed(3))
 
     def ours_adapter():
@@ -136,14 +156,15 @@ def rows(quick: bool = False) -> list[dict]:
     )
     t_ours = timeit(ours_adapter, repeats=2 * reps + 1)
     out.append(_row(
-        f"adapter only (peak RSS) {n}x{n} batch 8 vs PEFT forward - base",
+        f"RandLoRA adapter branch only (peak RSS) {n}x{n} batch 8 vs PEFT forward - base",
         t_ours, timeit(peft_adapter, repeats=2 * reps + 1), "",
-        rotfunc_peak_bytes=ours_peak, peft_peak_bytes=peft_peak,
+        rotfunc_peak_bytes=ours_peak, peft_peak_bytes=peft_peak, vs="PEFT",
     ))
     out.append(_row(
-        f"adapter only (peak RSS) {n}x{n} batch 8 vs materialized delta x @ dW.T (baseline in peft_* columns)",
+        f"RandLoRA adapter branch only (peak RSS) {n}x{n} batch 8 vs materialized delta x @ dW.T",
         t_ours, timeit(dense_adapter, repeats=reps), "",
         rotfunc_peak_bytes=ours_peak, peft_peak_bytes=dense_peak, baseline="x @ randlora_delta(...).T",
+        vs="dense delta",
     ))
     return out
 
