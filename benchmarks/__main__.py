@@ -70,6 +70,11 @@ def _tag(rows: list[dict], section: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if os.environ.get("THP_MEM_ALLOC_ENABLE") is None and argv is None and "torch" not in sys.modules:
+        # torch's CPU allocator reads this once at start: back large tensors with transparent huge pages, for
+        # rotfunc and PEFT alike (same process). At 4096x4096 first-touch page faults otherwise dominate merges.
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "benchmarks", *sys.argv[1:]])
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:

@@ -63,6 +63,7 @@ def machine(*, threads: int) -> dict:
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": threads,
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "peft": _version("peft"),
@@ -132,6 +133,7 @@ def render_markdown(rows: list[dict], info: dict, *, bounds: str = "", png: str 
         f"| CPU | {m['cpu']} |",
         f"| cores | {m['cores']} |",
         f"| torch threads | {m['torch_threads']} (`torch.set_num_threads`) |",
+        f"| THP_MEM_ALLOC_ENABLE | {m.get('THP_MEM_ALLOC_ENABLE', 'unset')} (torch's CPU allocator uses huge pages for large tensors) |",
         f"| python / torch / peft / bitsandbytes / transformers | {m['python']} / {m['torch']} / {m['peft']} / "
         f"{m['bitsandbytes']} / {m['transformers']} |",
         f"| date | {m['date']} |",

@@ -59,7 +59,22 @@ BASE_ADAPTER = "__base__"
 """Reserved adapter name meaning "the base layer, no adapter" in a mixed-adapter batch (PEFT's name)."""
 
 _SLOTS = "rotfunc"  # attribute holding the per-adapter parameter slots: keys look like "<path>.rotfunc.<name>.<field>"
-_BATCH_NAMES: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("rotfunc_batch", default=None)
+
+
+class _Batch:
+    """One mixed-adapter batch, grouped once for every layer: rows per adapter and the permutation back."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        rows: dict[str, list[int]] = {}
+        for i, n in enumerate(names):
+            rows.setdefault(n, []).append(i)
+        self.groups = {n: torch.tensor(r) for n, r in rows.items()}
+        # outputs are computed group after group; this puts sample i back at row i
+        self.inverse = torch.argsort(torch.cat(list(self.groups.values()))) if rows else torch.zeros(0, dtype=torch.long)
+
+
+_BATCH_NAMES: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar("rotfunc_batch", default=None)
 
 
 class _Slot(nn.Module):
@@ -131,41 +146,36 @@ class AdaptedLinear(nn.Module):
         )
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        names = _BATCH_NAMES.get()
+        batch = _BATCH_NAMES.get()
         if self.merged is not None:
-            if names is not None:
+            if batch is not None:
                 raise RuntimeError(
                     f"mixed-adapter batch on a merged layer (adapter {self.merged.name!r} merged): unmerge first"
                 )
             return self._base(x)
-        if names is not None:
-            return self._forward_mixed(x, names)
+        if batch is not None:
+            return self._forward_mixed(x, batch)
         if not self.enabled or self.active is None:
             return self._base(x)
         return self._apply_one(self.active, x, self._base)
 
-    def _forward_mixed(self, x: Tensor, names: tuple[str, ...]) -> Tensor:
+    def _forward_mixed(self, x: Tensor, batch: _Batch) -> Tensor:
+        names = batch.names
         if x.shape[0] != len(names):
             raise ValueError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} samples")
-        unknown = sorted(set(names) - set(self.configs) - {BASE_ADAPTER})
+        unknown = sorted(set(batch.groups) - set(self.configs) - {BASE_ADAPTER})
         if unknown:
             raise ValueError(f"adapter_names contains {unknown}, not attached here; known: {sorted(self.configs)}")
         base = _dequantized_once(self.base_layer)
-        groups: dict[str, list[int]] = {}
-        for i, n in enumerate(names):
-            groups.setdefault(n, []).append(i)
-        if len(groups) == 1:
-            (name,) = groups
+        if len(batch.groups) == 1:
+            (name,) = batch.groups
             return base(x) if name == BASE_ADAPTER else self._apply_one(name, x, base)
-        out = None
-        for name, rows in groups.items():
-            idx = torch.tensor(rows, device=x.device)
-            xs = x.index_select(0, idx)
-            ys = base(xs) if name == BASE_ADAPTER else self._apply_one(name, xs, base)
-            if out is None:
-                out = ys.new_zeros(x.shape[:-1] + (self.out_features,))
-            out = out.index_copy(0, idx, ys)
-        return out
+        outs = []
+        for name, idx in batch.groups.items():
+            xs = x.index_select(0, idx.to(x.device))
+            outs.append(base(xs) if name == BASE_ADAPTER else self._apply_one(name, xs, base))
+        # one gather back into sample order (not one full-size index_copy per group)
+        return torch.cat(outs, 0).index_select(0, batch.inverse.to(x.device))
 
 
 def _dequantized_once(layer: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -449,7 +459,7 @@ def adapter_batch(names: Sequence[str], /) -> Iterator[None]:
     """Context manager: forwards inside use adapter ``names[i]`` for sample ``i`` (``BASE_ADAPTER``: none)."""
     if isinstance(names, str) or not all(isinstance(n, str) for n in names):
         raise TypeError(f"adapter_names must be a sequence of str, one per sample, got {names!r}")
-    token = _BATCH_NAMES.set(tuple(names))
+    token = _BATCH_NAMES.set(_Batch(tuple(names)))
     try:
         yield
     finally:

@@ -173,15 +173,22 @@ def cayley_neumann(Q: Tensor, /, *, num_terms: int = 5) -> Tensor:
     return R + power @ Q  # Q^(m-1)
 
 
-def block_inverse(R: Tensor, /) -> Tensor:
-    """Inverses of "... b b" blocks by Householder QR (no pivoting), dtype of ``R``.
+_LARGE_BLOCK = 256  # from this block size on, avoid MKL's batched LU (see block_inverse)
 
-    ``R = QₕTₕ`` gives ``R⁻¹ = Tₕ⁻¹ Qₕᵀ`` by one triangular solve: backward stable, and it avoids the
-    batched LU path that was unreliable for large blocks on this machine. A singular block gives non-finite entries.
+
+def block_inverse(R: Tensor, /) -> Tensor:
+    """Inverses of "... b b" blocks, dtype of ``R``.
+
+    Blocks smaller than 256: batched LU (``torch.linalg.inv``), the fastest here. Blocks of 256 and more: by
+    Householder QR (no pivoting), ``R = QₕTₕ`` gives ``R⁻¹ = Tₕ⁻¹ Qₕᵀ`` by one triangular solve — backward
+    stable, and it avoids MKL's batched LU, which was seen to fail intermittently for such blocks with 2 threads
+    ("Pivots given to lu_solve must all be greater or equal to 1"). A singular block gives non-finite entries.
     """
     if R.ndim < 2 or R.shape[-1] != R.shape[-2]:
         raise ValueError(f"R has shape={tuple(R.shape)}, expected (..., b, b) square blocks")
     dtype = R.dtype
     Rc = R.to(_compute_dtype(dtype))
+    if R.shape[-1] < _LARGE_BLOCK:
+        return torch.linalg.inv(Rc).to(dtype)
     Qh, Th = torch.linalg.qr(Rc)
     return torch.linalg.solve_triangular(Th, Qh.mT, upper=True).to(dtype)
