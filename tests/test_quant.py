@@ -17,7 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from benchmarks._harness import peak_rss_bytes
 from rotfunc import quant as Q
 
 # torch scripts its own jvp decompositions (torch/_decomp/decompositions_for_jvp.py) and inductor helpers
@@ -397,19 +396,9 @@ def test_backward_saves_packed_not_dequantized_4096():
     (gk,) = torch.autograd.grad(y_keep.sum(), x)
     assert torch.equal(gx, gk)
 
-    # resident memory over forward + backward through 3 applications of the layer (as in a model's stack)
-    def chain(fwd):
-        def run():
-            h = x
-            for _ in range(3):
-                h = torch.tanh(fwd(h))
-            torch.autograd.grad(h.sum(), x)
-        return run
-
-    rss_rotfunc = peak_rss_bytes(chain(lambda h: Q.quantized_linear(qw, h, layer.bias)))
-    rss_keep = peak_rss_bytes(chain(lambda h: F.linear(h, Q.dequantize(qw), layer.bias)))
-    assert rss_keep >= 3 * n * n * 4 * 0.9  # three float weights alive at once
-    assert rss_rotfunc < 0.5 * rss_keep
+    # Resident-memory peaks depend on what the allocator already holds from earlier tests in this process, so
+    # they are measured in benchmarks/quant.py (fwd+bwd 3x nf4 4096²: 64 MiB vs 192 MiB keeping W), not here;
+    # the saved-tensor accounting above is the exact, deterministic form of the same property.
 
 
 # ------------------------------------------------------------------------------- requantize / assign
