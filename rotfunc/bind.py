@@ -170,10 +170,27 @@ class AdaptedLinear(nn.Module):
         if len(batch.groups) == 1:
             (name,) = batch.groups
             return base(x) if name == BASE_ADAPTER else self._apply_one(name, x, base)
+        # Adapters that call base on the group's own input (RoAD, RandLoRA, the "__base__" group) share one
+        # full-batch base matmul, computed on first use, instead of one small matmul per group; adapters that
+        # transform the input first (OFT) call the base on their own input as usual.
+        full: list[Tensor] = []
+
+        def group_base(idx: Tensor, xs: Tensor) -> Callable[[Tensor], Tensor]:
+            def call(inp: Tensor) -> Tensor:
+                if inp is not xs:
+                    return base(inp)
+                if not full:
+                    full.append(base(x))
+                return full[0].index_select(0, idx)
+
+            return call
+
         outs = []
         for name, idx in batch.groups.items():
-            xs = x.index_select(0, idx.to(x.device))
-            outs.append(base(xs) if name == BASE_ADAPTER else self._apply_one(name, xs, base))
+            idx = idx.to(x.device)
+            xs = x.index_select(0, idx)
+            b = group_base(idx, xs)
+            outs.append(b(xs) if name == BASE_ADAPTER else self._apply_one(name, xs, b))
         # one gather back into sample order (not one full-size index_copy per group)
         return torch.cat(outs, 0).index_select(0, batch.inverse.to(x.device))
 
