@@ -37,8 +37,9 @@ thread): the 8-adapter forward spends 0.26 s in `aten::copy_` (593 calls) under 
 `out = out.index_copy(0, idx, ys)`, which copies the whole (batch, seq, out) output once per adapter per layer
 (8 x 37 full copies). The matmuls are not the cost: `aten::addmm` is 0.75-0.76 s in both runs (296 group-sized
 calls vs 37 full ones). Fixed since: `_forward_mixed` now groups the batch once per forward (not per layer),
-collects the group outputs and gathers them back with one `torch.cat(...).index_select(0, inverse)` per layer
-(this run: RoAD 0.86x, OFT 0.67x, RandLoRA 0.72x, up from 0.69x / 0.63x / 0.63x). What bounds the rest: the per-group fixed costs of each adapter call (8x the RoAD coefficient
+shares one full-batch base matmul among the groups whose adapter calls the base on its own input (RoAD,
+RandLoRA, `__base__`), and gathers the group outputs back with one `torch.cat(...).index_select(0, inverse)`
+per layer (from 0.69x / 0.63x / 0.63x before these fixes to this run's numbers). What bounds the rest: the per-group fixed costs of each adapter call (8x the RoAD coefficient
 construction: `cos`/`sin`/`stack`/`cat` 296-888 calls per forward; 8 Cayley-Neumann evaluations per OFT layer
 instead of 1) and the gather/scatter of activations (`index_select` of each group's input and the final gather:
 two activation copies per layer, large relative to MiniLM's cheap 384-wide matmuls). Reaching 0.9x needs the
