@@ -19,7 +19,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from benchmarks._harness import format_table, peak_rss_bytes, timeit
@@ -97,7 +96,6 @@ def rows(quick: bool = False) -> list[dict]:
                 layer.unmerge()
 
         out.append(_row(f"merge+unmerge {n}x{n} fp32 r={R}", timeit(ours, repeats=reps), timeit(theirs, repeats=reps), ">= 1x"))
-        del layer, cfg, bases, params, W
 
     out += forward_rows(quick)
     out += memory_rows(quick)

@@ -41,6 +41,7 @@ __all__ = [
     "prepare",
     "unprepare",
     "adapter_params",
+    "load_params",
     "set_adapter",
     "active_adapter",
     "adapter_names",
@@ -246,7 +247,7 @@ def _targets(model: nn.Module, config: Adapter) -> list[tuple[str, nn.Module]]:
         if any(name.startswith(p + ".") for p, _ in found):  # never adapt inside a matched layer
             continue
         if all_linear:
-            layer = module.base_layer if isinstance(module, AdaptedLinear) else module
+            layer = _layer_of(module)
             hit = isinstance(layer, nn.Linear) and not _is_output_head(model, layer)
         else:
             hit = _matches(name, spec)
@@ -261,7 +262,7 @@ def _targets(model: nn.Module, config: Adapter) -> list[tuple[str, nn.Module]]:
             + (f" (exclude_modules={config.exclude_modules!r})" if config.exclude_modules else "")
         )
     for name, module in found:
-        layer = module.base_layer if isinstance(module, AdaptedLinear) else module
+        layer = _layer_of(module)
         if not isinstance(layer, nn.Linear):
             raise TypeError(
                 f"module {name!r} is a {type(layer).__module__}.{type(layer).__name__}; rotfunc adapts "
@@ -276,6 +277,11 @@ def _is_inside_wrapper(model: nn.Module, name: str) -> bool:
         if isinstance(model.get_submodule(".".join(parts[:i])), AdaptedLinear):
             return True
     return False
+
+
+def _layer_of(module: nn.Module) -> nn.Module:
+    """The linear layer itself: a wrapper's ``base_layer``, or the module."""
+    return module.base_layer if isinstance(module, AdaptedLinear) else module
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -328,15 +334,13 @@ def attach(
     if adapter_name in adapter_names(model):
         raise ValueError(f"adapter_name={adapter_name!r} is already attached to this model; detach it first or pick another name")
     targets = _targets(model, config)
-    shapes = [((m.base_layer if isinstance(m, AdaptedLinear) else m).out_features,
-               (m.base_layer if isinstance(m, AdaptedLinear) else m).in_features) for _, m in targets]
-    first = targets[0][1]
-    first_layer = first.base_layer if isinstance(first, AdaptedLinear) else first
+    layers = [_layer_of(m) for _, m in targets]
+    shapes = [(layer.out_features, layer.in_features) for layer in layers]
+    first_layer = layers[0]
     shared = config.init_shared(shapes, dtype=_param_dtype(first_layer), device=first_layer.weight.device)
     # Build everything first, then install: an error above leaves the model untouched.
     plan = []
-    for name, module in targets:
-        layer = module.base_layer if isinstance(module, AdaptedLinear) else module
+    for (name, module), layer in zip(targets, layers):
         params = config.init(
             layer.in_features, layer.out_features,
             dtype=_param_dtype(layer), device=layer.weight.device, generator=generator,
@@ -560,18 +564,12 @@ def num_trainable(model: nn.Module, /, adapter_name: str | None = None) -> int:
 # merging
 
 
-def _merge_fn(w: AdaptedLinear, name: str) -> Callable:
+def _pure(w: AdaptedLinear, name: str, op: str) -> Callable:
+    """``(weight, bias) -> (weight', bias')``: adapter ``name``'s pure ``merge`` or ``unmerge`` (``op``) on ``w``."""
     slot, cfg = w.slots[name], w.configs[name]
-    params, shared = [t.detach() for t in slot.params()], slot.shared()
-    params = slot.params_type(*params)
-    return lambda weight, bias: cfg.merge(params, weight, bias, shared=shared)
-
-
-def _unmerge_fn(w: AdaptedLinear, name: str) -> Callable:
-    slot, cfg = w.slots[name], w.configs[name]
-    params = slot.params_type(*[t.detach() for t in slot.params()])
-    shared = slot.shared()
-    return lambda weight, bias: cfg.unmerge(params, weight, bias, shared=shared)
+    params = slot.params_type(*(t.detach() for t in slot.params()))
+    fn, shared = getattr(cfg, op), slot.shared()
+    return lambda weight, bias: fn(params, weight, bias, shared=shared)
 
 
 def merge(model: nn.Module, /, adapter_name: str | None = None, *, safe_merge: bool = False) -> dict[str, Any]:
@@ -597,7 +595,7 @@ def merge(model: nn.Module, /, adapter_name: str | None = None, *, safe_merge: b
     records = {}
     try:
         for path, w in layers:
-            record = quant.merge_into(w.base_layer, _merge_fn(w, name), safe_merge=safe_merge)
+            record = quant.merge_into(w.base_layer, _pure(w, name, "merge"), safe_merge=safe_merge)
             done.append((w, record))
             records[path] = record
     except BaseException:
@@ -615,7 +613,7 @@ def unmerge(model: nn.Module, /) -> None:
     RandLoRA)."""
     for _, w in adapted_layers(model):
         if w.merged is not None:
-            quant.unmerge_from(w.base_layer, w.merged.record, _unmerge_fn(w, w.merged.name))
+            quant.unmerge_from(w.base_layer, w.merged.record, _pure(w, w.merged.name, "unmerge"))
             w.merged = None
 
 

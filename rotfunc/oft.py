@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import struct
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Sequence
 
 import torch

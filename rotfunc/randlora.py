@@ -42,7 +42,7 @@ bfloat16 with ``kaiming_uniform_(a=sqrt(5))`` from ``torch.Generator("cpu").manu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Sequence
 
 import torch
