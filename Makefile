@@ -46,13 +46,13 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests --nbmake notebooks
 
 # JupyterLab on the notebooks, installed into .venv on first use (`make test` does not need it).
-# Flags through ARGS, e.g. make notebook ARGS=--no-browser.
+# Flags through ARGS, e.g. make notebook ARGS=--no-browser. As root (a container), JupyterLab wants --allow-root.
 $(NOTEBOOK_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[notebook]' '$(TORCH)'
 	@touch $(NOTEBOOK_STAMP)
 
 notebook: $(NOTEBOOK_STAMP)
-	$(VENV)/bin/jupyter lab notebooks $(ARGS)
+	$(VENV)/bin/jupyter lab notebooks $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(ARGS)
 
 # THP_MEM_ALLOC_ENABLE: torch's CPU allocator backs large tensors with transparent huge pages, for rotfunc
 # and PEFT alike (same process); at 4096x4096 first-touch page faults otherwise dominate a merge.
