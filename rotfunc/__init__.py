@@ -11,10 +11,13 @@ from .adapter import REGISTRY, Adapter, config_for_peft_type, register
 from .bind import (
     BASE_ADAPTER,
     AdaptedLinear,
+    AdapterState,
     active_adapter,
     adapter_batch,
     adapter_names,
     adapter_params,
+    adapter_state,
+    adapted_layers,
     attach,
     detach,
     disable_adapters,
@@ -72,7 +75,7 @@ __all__ = [
     # the protocol
     "Adapter", "REGISTRY", "register", "config_for_peft_type",
     # shims
-    "BASE_ADAPTER", "AdaptedLinear", "attach", "detach", "prepare", "unprepare", "adapter_params", "load_params",
+    "BASE_ADAPTER", "AdaptedLinear", "AdapterState", "adapter_state", "adapted_layers", "attach", "detach", "prepare", "unprepare", "adapter_params", "load_params",
     "set_adapter", "active_adapter", "adapter_names", "disable_adapters", "enable_adapters", "disabled",
     "adapter_batch", "merge", "unmerge", "merge_and_unload", "num_trainable",
     # checkpoints

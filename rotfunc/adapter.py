@@ -26,7 +26,10 @@ from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence, runtime
 import torch
 from torch import Tensor
 
-__all__ = ["Adapter", "REGISTRY", "register", "config_for_peft_type", "GENERIC_PEFT_KEYS", "peft_dict", "peft_kwargs"]
+__all__ = [
+    "Adapter", "REGISTRY", "register", "config_for_peft_type", "GENERIC_PEFT_KEYS", "peft_dict", "peft_kwargs",
+    "normalize_layer_selection",
+]
 
 
 @runtime_checkable
@@ -186,7 +189,36 @@ def peft_kwargs(cls: type, d: Mapping[str, Any], /) -> dict[str, Any]:
     if peft_type is not None and str(getattr(peft_type, "value", peft_type)).upper() != cls.peft_type:
         raise ValueError(f"peft_type={peft_type!r} is not {cls.peft_type!r}; use rotfunc.config_for_peft_type")
     known = {f.name for f in dataclasses.fields(cls)}
+    for key in ("layers_to_transform", "layers_pattern", "modules_to_save"):
+        if key not in known and d.get(key) not in (None, [], ""):
+            raise ValueError(
+                f"{key}={d[key]!r} is not supported by {cls.__name__} in rotfunc"
+                + (" (it does not train or save whole modules)" if key == "modules_to_save" else "")
+            )
     unknown = sorted(k for k in d if k not in known and k not in GENERIC_PEFT_KEYS)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} config key(s) {unknown}; known fields are {sorted(known)}")
     return {k: v for k, v in d.items() if k in known}
+
+
+def normalize_layer_selection(config: Any, /) -> None:
+    """Check and normalize a frozen config's PEFT ``layers_to_transform`` / ``layers_pattern`` fields in place.
+
+    ``layers_to_transform``: None, an int, or a sequence of ints (stored as a tuple); ``layers_pattern``: None,
+    a str or a sequence of str (stored as a tuple), only together with ``layers_to_transform`` (as PEFT).
+    """
+    idx, pattern = config.layers_to_transform, config.layers_pattern
+    if isinstance(idx, (list, tuple)):
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in idx):
+            raise ValueError(f"layers_to_transform={idx!r} must hold non-negative ints")
+        object.__setattr__(config, "layers_to_transform", tuple(idx))
+    elif idx is not None and (not isinstance(idx, int) or isinstance(idx, bool) or idx < 0):
+        raise ValueError(f"layers_to_transform={idx!r} must be None, a non-negative int or a list of them")
+    if isinstance(pattern, (list, tuple)):
+        if not all(isinstance(p, str) and p for p in pattern):
+            raise ValueError(f"layers_pattern={pattern!r} must hold non-empty str")
+        object.__setattr__(config, "layers_pattern", tuple(pattern))
+    elif pattern is not None and not isinstance(pattern, str):
+        raise ValueError(f"layers_pattern={pattern!r} must be None, a str or a list of str")
+    if config.layers_pattern and config.layers_to_transform is None:
+        raise ValueError(f"layers_pattern={pattern!r} needs layers_to_transform too (as PEFT)")

@@ -48,7 +48,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ._checks import check_choice
-from .adapter import peft_dict, peft_kwargs, register
+from .adapter import normalize_layer_selection, peft_dict, peft_kwargs, register
 from .linalg import block_inverse, cayley, cayley_neumann, skew
 
 __all__ = [
@@ -509,7 +509,9 @@ class OFTConfig:
             0.21.2; see the module docstring).
         target_modules, exclude_modules: module names / regex (lists are stored as tuples).
         fan_in_fan_out: the weight is stored (in, out); merge then works on ``weight.T``.
-        bias: "none", "all" or "oft_only" (which biases train; merges never change the bias).
+        bias: "none", "all" or "oft_only" (which biases train: the adapter gets its own trainable
+            copy of the adapted layers' biases, used in its forward and merged into the layer's bias).
+        layers_to_transform, layers_pattern: PEFT's layer-index selection (e.g. ``[0, 2]`` with ``"layer"``).
         init_weights: True -> identity (zeros), False -> random N(0, 0.1²) params.
         coft, eps: constrained OFT and its radius.
         block_share: one block shared by all positions.
@@ -528,6 +530,8 @@ class OFTConfig:
     fan_in_fan_out: bool = False
     bias: str = "none"
     exclude_modules: Any = None
+    layers_to_transform: int | tuple[int, ...] | None = None
+    layers_pattern: str | tuple[str, ...] | None = None
     init_weights: bool = True
     coft: bool = False
     eps: float = 6e-5
@@ -536,6 +540,7 @@ class OFTConfig:
     num_cayley_neumann_terms: int = 5
 
     def __post_init__(self) -> None:
+        normalize_layer_selection(self)
         _check_int("r", self.r, 0)
         _check_int("oft_block_size", self.oft_block_size, 0)
         if (self.r == 0) == (self.oft_block_size == 0):

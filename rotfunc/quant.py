@@ -31,8 +31,8 @@ things, all adapter-agnostic:
    :class:`MergeRecord` keeps the layer's original packed weight and quant state (one extra *quantized* copy
    per merged layer, ~1/8 of the float weight for 4-bit) and the requantization error of the merge;
    :func:`restore` puts the original back bit for bit, so no inverse is ever computed for a quantized layer
-   and merge/unmerge cycles never drift. Plain ``nn.Linear`` layers go through the same call; their record
-   keeps nothing (float merges are undone by the adapter's exact inverse: :func:`unmerge_from`).
+   and merge/unmerge cycles never drift. Plain ``nn.Linear`` layers go through the same call; their record keeps
+   the original weight and bias tensors (the merge assigns new ones), so their restore is bitwise as well.
 
 bitsandbytes repacks a 4-bit weight into a CPU layout on CPUs with AVX512-BF16 the first time an eval-mode
 ``Linear4bit`` runs without grad (``quant_state.packing_format_for_cpu``: codes transposed into 32-row
@@ -610,6 +610,9 @@ def _copy_quant_state(qs: Any) -> Any:
 def _put_back(layer: nn.Module, snap: dict) -> None:
     if layer.bias is not None and snap["bias"] is not None:
         layer.bias.data = snap["bias"]
+    if not (_is_8bit(layer) or _is_4bit(layer)):
+        layer.weight.data = snap["data"]
+        return
     if _is_8bit(layer):
         w = layer.weight
         w.data = snap["data"]
@@ -631,11 +634,17 @@ def _merged_marker(layer: nn.Module) -> Any:
     """
     if _is_8bit(layer):
         return layer.state.SCB if layer.state.SCB is not None else layer.weight.SCB
+    if not _is_4bit(layer):  # float: the storage of the weight the merge assigned
+        return layer.weight.untyped_storage().data_ptr()
     return getattr(layer.weight.quant_state, "_rotfunc_merge_token", None)
 
 
+def _same_marker(a: Any, b: Any) -> bool:
+    return a == b if isinstance(a, int) else a is b
+
+
 def _mark_merged(layer: nn.Module) -> Any:
-    if _is_8bit(layer):
+    if _is_8bit(layer) or not _is_4bit(layer):
         return _merged_marker(layer)
     token = object()
     layer.weight.quant_state._rotfunc_merge_token = token
@@ -649,7 +658,7 @@ class MergeRecord:
     ``max_abs_error`` / ``rel_fro_error``: requantization error, ``max |Q(W') - W'|`` and
     ``||Q(W') - W'||_F / ||W'||_F`` with ``W'`` the merged float weight and ``Q(W')`` its dequantized
     requantization (both 0.0 for float layers). ``original`` holds the layer's pre-merge packed weight, quant
-    state and bias (``None`` for float layers), which :func:`restore` puts back bitwise.
+    state and bias (float layers: the original weight and bias tensors), which :func:`restore` puts back bitwise.
     """
 
     quant_type: str | None  # "nf4" | "fp4" | "int8", or None for a float nn.Linear
@@ -660,7 +669,7 @@ class MergeRecord:
 
     @property
     def restorable(self) -> bool:
-        """True when :func:`restore` can put the pre-merge layer back (quantized layers)."""
+        """True when :func:`restore` can put the pre-merge layer back."""
         return self.original is not None
 
 
@@ -757,17 +766,17 @@ def merge_into(layer: nn.Module, merge_fn: MergeFn, /, *, safe_merge: bool = Fal
     if safe_merge and not _all_finite(w, b):
         raise ValueError(f"merged weight of {type(layer).__name__}{tuple(weight.shape)} has non-finite values; "
                          "layer left unchanged")
-    old_w, old_b = layer.weight.data, None if layer.bias is None else layer.bias.data
+    if w.untyped_storage().data_ptr() == layer.weight.untyped_storage().data_ptr():
+        w = w.clone()  # merge_fn returned the weight itself: the record must keep the original apart
+    snap = {"data": layer.weight.data, "bias": None if layer.bias is None else layer.bias.data}
     try:
         layer.weight.data = w
         if b is not None:
             layer.bias.data = b
     except BaseException:
-        layer.weight.data = old_w
-        if old_b is not None:
-            layer.bias.data = old_b
+        _put_back(layer, snap)
         raise
-    return MergeRecord(None, 0.0, 0.0)
+    return MergeRecord(None, 0.0, 0.0, snap, _mark_merged(layer))
 
 
 def _merge_quantized(layer: nn.Module, merge_fn: MergeFn, safe_merge: bool) -> MergeRecord:
@@ -810,21 +819,21 @@ def restore(layer: nn.Module, record: MergeRecord, /, *, check: bool = True) -> 
     nothing changes) when the layer's quantized weight was replaced after this merge (another merge, a
     reload). The record itself stays valid: ``restore(layer, record, check=False)`` again gives the same layer.
 
+    Float ``nn.Linear`` records hold the original weight and bias tensors themselves (the merge assigned new
+    ones), so a float restore is bitwise too.
+
     Raises:
-      ValueError: for a float-layer record (use the adapter's unmerge: :func:`unmerge_from`).
+      ValueError: the record does not fit this layer, or (``check=True``) the layer was changed since.
     """
     if not isinstance(record, MergeRecord):
         raise TypeError(f"record must be a MergeRecord, got {type(record).__name__}")
     if record.original is None:
-        raise ValueError(
-            "record comes from a float nn.Linear merge and keeps nothing to restore; undo it with the "
-            "adapter's unmerge (rotfunc.quant.unmerge_from)"
-        )
-    kind = "int8" if _is_8bit(layer) else ("4bit" if _is_4bit(layer) else type(layer).__name__)
-    rkind = "int8" if record.quant_type == "int8" else "4bit"
+        raise ValueError("record keeps nothing to restore (made with keep=False); undo it with the adapter's unmerge")
+    kind = "int8" if _is_8bit(layer) else ("4bit" if _is_4bit(layer) else "float")
+    rkind = {"int8": "int8", None: "float"}.get(record.quant_type, "4bit")
     if kind != rkind:
         raise ValueError(f"record of a quant_type={record.quant_type!r} merge does not fit a {type(layer).__name__}")
-    if check and (record.merged is None or _merged_marker(layer) is not record.merged):
+    if check and (record.merged is None or not _same_marker(_merged_marker(layer), record.merged)):
         raise ValueError(
             f"{type(layer).__name__}(in_features={layer.in_features}, out_features={layer.out_features}) no longer "
             "holds the weight this merge installed (merged again or reloaded since?); restore records in reverse "
@@ -840,7 +849,8 @@ def unmerge_from(
     unused), ``merge_into(layer, unmerge_fn)`` (the adapter's exact inverse) for float layers.
 
     Returns:
-      None for quantized layers; the float merge's record otherwise.
+      None when the record could be restored bitwise (always, unless it was made without a copy); the float
+      merge's record otherwise.
     """
     if record.original is not None:
         restore(layer, record)

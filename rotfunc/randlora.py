@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_choice
-from .adapter import peft_dict, peft_kwargs, register
+from .adapter import normalize_layer_selection, peft_dict, peft_kwargs, register
 
 __all__ = [
     "RandLoraBases",
@@ -521,7 +521,9 @@ class RandLoraConfig:
         randlora_dropout: dropout on the adapter branch's input, in [0, 1).
         fan_in_fan_out: the weight is stored (in, out) (transformers' Conv1D); merge then works on ``weight.T``.
         randlora_alpha: ``scaling = randlora_alpha / r``.
-        bias: "none", "all" or "randlora_only" (which biases train; merges never change the bias).
+        bias: "none", "all" or "randlora_only" (which biases train: the adapter gets its own trainable
+            copy of the adapted layers' biases, used in its forward and merged into the layer's bias).
+        layers_to_transform, layers_pattern: PEFT's layer-index selection (e.g. ``[0, 2]`` with ``"layer"``).
         init_weights: PEFT's init (identity) when True.
         exclude_modules: module names / regex never adapted.
     """
@@ -543,8 +545,11 @@ class RandLoraConfig:
     bias: str = "none"
     init_weights: bool = True
     exclude_modules: Any = None
+    layers_to_transform: int | tuple[int, ...] | None = None
+    layers_pattern: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        normalize_layer_selection(self)
         _check_int("r", self.r, minimum=1)
         if isinstance(self.projection_prng_key, bool) or not isinstance(self.projection_prng_key, int):
             raise TypeError(f"projection_prng_key={self.projection_prng_key!r} must be an int")

@@ -591,13 +591,18 @@ def test_float_linear_merge_same_api():
     param = layer.weight
     R = rotation(OUT)
     rec = Q.merge_into(layer, lambda w, b: (R @ w, R @ b))
-    assert not rec.restorable and rec.max_abs_error == 0.0
+    assert rec.restorable and rec.max_abs_error == 0.0
     assert layer.weight is param  # the Parameter object is kept, its data replaced
     assert torch.allclose(layer.weight, R @ W0, atol=1e-6) and torch.allclose(layer.bias, R @ b0, atol=1e-6)
-    with pytest.raises(ValueError, match="unmerge"):
-        Q.restore(layer, rec)
-    Q.unmerge_from(layer, rec, lambda w, b: (R.T @ w, R.T @ b))
-    assert torch.allclose(layer.weight, W0, atol=1e-6) and torch.allclose(layer.bias, b0, atol=1e-6)
+    # a float record keeps the original tensors: restore (and unmerge_from) put them back bitwise, no inverse
+    assert Q.unmerge_from(layer, rec, _raising) is None
+    assert torch.equal(layer.weight, W0) and torch.equal(layer.bias, b0)
+    with pytest.raises(ValueError, match="no longer holds"):
+        Q.restore(layer, rec)  # the layer holds the original again, not what the merge installed
+    rec = Q.merge_into(layer, lambda w, b: (w, b))  # a merge_fn returning its input: the record keeps a copy
+    layer.weight.data.mul_(2)
+    Q.restore(layer, rec)
+    assert torch.equal(layer.weight, W0)
     W1 = layer.weight.detach().clone()
     with pytest.raises(_Boom):
         Q.merge_into(layer, _raising)
