@@ -2,9 +2,43 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-__all__ = ["check_shape", "check_same_dtype_device", "check_choice"]
+__all__ = ["check_shape", "check_same_dtype_device", "check_choice", "check_float", "check_same_device", "plain_eager",
+           "check_finite_eager"]
+
+
+def check_float(name: str, t: object, /) -> None:
+    """TypeError unless ``t`` is a real floating-point tensor (int, bool and complex inputs are refused)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}.dtype={t.dtype} is not a real floating-point dtype (float32, bfloat16, ...)")
+
+
+def check_same_device(*named: tuple[str, Tensor]) -> None:
+    """ValueError naming the first tensor whose device differs from the first one's."""
+    (first, t0), *rest = named
+    for name, t in rest:
+        if t.device != t0.device:
+            raise ValueError(f"{name}.device={t.device} differs from {first}.device={t0.device}; move one of them")
+
+
+def plain_eager(*ts: Tensor) -> bool:
+    """True outside torch.compile tracing when no tensor is wrapped by a torch.func transform (so a check may
+    read values)."""
+    if torch.compiler.is_compiling():
+        return False
+    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return is_wrapped is not None and not any(is_wrapped(t) for t in ts)
+
+
+def check_finite_eager(name: str, t: Tensor, /) -> None:
+    """ValueError when ``t`` holds NaN/inf, checked only eagerly (see :func:`plain_eager`)."""
+    if plain_eager(t) and not bool(torch.isfinite(t).all()):
+        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+        raise ValueError(f"{name} has non-finite values (first at index {bad}: {t[tuple(bad)].item()})")
 
 
 def check_shape(name: str, t: Tensor, expected: tuple[int, ...], /, *, why: str = "") -> None:

@@ -59,6 +59,8 @@ def _expected(model: nn.Module, adapter_name: str, config: Any) -> dict[str, tor
         slot = w.slots[adapter_name]
         for field in slot.params_type._fields:
             out[f"{_PREFIX}{path}.{names[field]}"] = getattr(slot, field)
+        if slot.bias() is not None:  # bias="<method>_only" / "all": PEFT saves the trained bias of the base layer
+            out[f"{_PREFIX}{path}.base_layer.bias"] = slot.bias()
         if save_shared:
             shared = slot.shared()
             for field, value in zip(shared._fields, shared):
@@ -69,8 +71,26 @@ def _expected(model: nn.Module, adapter_name: str, config: Any) -> dict[str, tor
     return out
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, /, *, adapter_name: str = "default") -> Path:
+def _model_name(model: nn.Module) -> str | None:
+    """The base model's name for ``adapter_config.json``: ``config._name_or_path`` when it is a name (a hub id
+    such as ``HuggingFaceTB/SmolLM2-135M-Instruct``); for a local directory only its last component, never a
+    path of the machine that trained the adapter."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not isinstance(name, str) or not name:
+        return None
+    if os.path.isabs(name) or os.path.exists(name) or name.startswith((".", "~")):
+        return Path(name).name or None
+    return name
+
+
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, /, *, adapter_name: str = "default",
+    base_model_name_or_path: str | None = None,
+) -> Path:
     """Write adapter ``adapter_name`` of ``model`` to directory ``path`` in PEFT's format.
+
+    ``base_model_name_or_path`` is recorded in ``adapter_config.json`` (default: the model's name, see
+    :func:`_model_name`). Files are written with ordinary permissions (``0o644`` under the usual umask).
 
     Returns:
         The directory written (created if needed).
@@ -85,7 +105,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, /, *, adapter_name: 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    base_name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    _ordinary_permissions(out / WEIGHTS_NAME)
+    base_name = base_model_name_or_path if base_model_name_or_path is not None else _model_name(model)
     cfg = {
         **config.to_peft_dict(),
         "peft_type": type(config).peft_type,
@@ -101,6 +122,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, /, *, adapter_name: 
         cfg["exclude_modules"] = sorted(cfg["exclude_modules"])
     (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _ordinary_permissions(file: Path) -> None:
+    # safetensors writes through a private temporary file (mode 0600); give it what open() would have
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(file, 0o666 & ~umask)
 
 
 def _read_config(directory: Path) -> Any:

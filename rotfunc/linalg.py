@@ -33,6 +33,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._checks import check_finite_eager, check_float
+
 __all__ = ["skew", "skew_inv", "cayley", "cayley_neumann", "block_inverse"]
 
 
@@ -122,8 +124,10 @@ def cayley(Q: Tensor, /) -> Tensor:
         "... b b" orthogonal blocks, dtype of ``Q``. Note: the transpose of what :func:`cayley_neumann`
         approximates, as in PEFT.
     """
+    check_float("Q", Q)
     if Q.ndim < 2 or Q.shape[-1] != Q.shape[-2]:
         raise ValueError(f"Q has shape={tuple(Q.shape)}, expected (..., b, b) square blocks")
+    check_finite_eager("Q", Q)  # a NaN would otherwise surface as a raw LinAlgError from the factorization
     dtype = Q.dtype
     Qc = Q.to(_compute_dtype(dtype))
     eye = torch.eye(Q.shape[-1], dtype=Qc.dtype, device=Q.device)
@@ -157,6 +161,7 @@ def cayley_neumann(Q: Tensor, /, *, num_terms: int = 5) -> Tensor:
     """
     if not isinstance(num_terms, int) or isinstance(num_terms, bool) or num_terms < 1:
         raise ValueError(f"num_terms={num_terms!r} must be an int >= 1")
+    check_float("Q", Q)
     if Q.ndim < 2 or Q.shape[-1] != Q.shape[-2]:
         raise ValueError(f"Q has shape={tuple(Q.shape)}, expected (..., b, b) square blocks")
     eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)

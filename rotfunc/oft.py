@@ -47,7 +47,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from ._checks import check_choice
+from ._checks import check_choice, check_float, check_same_device
 from .adapter import normalize_layer_selection, peft_dict, peft_kwargs, register
 from .linalg import block_inverse, cayley, cayley_neumann, skew
 
@@ -345,6 +345,9 @@ def oft_rotate(
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim < 1:
         raise ValueError(f"x has shape={tuple(x.shape)}, expected (*batch, in_features)")
+    check_float("x", x)
+    check_float("params.q", params.q)
+    check_same_device(("params.q", params.q), ("x", x))
     in_features = x.shape[-1]
     _check_q(params.q, in_features, block_size, block_share)
     if not isinstance(module_dropout, (int, float)) or not 0.0 <= module_dropout <= 1.0:

@@ -72,7 +72,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from ._checks import check_shape
+from ._checks import check_float, check_shape
 
 __all__ = [
     "QuantSpec",
@@ -422,6 +422,7 @@ def quantized_linear(qweight: QuantWeight, x: Tensor, bias: Tensor | None = None
       ``(*batch, out)`` in ``x.dtype``.
     """
     spec = qweight.spec
+    check_float("x", x)
     if x.shape[-1] != spec.shape[1]:
         raise ValueError(f"x has shape={tuple(x.shape)}, expected last dim in_features={spec.shape[1]}")
     if bias is not None:

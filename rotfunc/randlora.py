@@ -48,7 +48,7 @@ from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from ._checks import check_choice
+from ._checks import check_choice, check_float, check_same_device
 from .adapter import normalize_layer_selection, peft_dict, peft_kwargs, register
 
 __all__ = [
@@ -416,6 +416,14 @@ def randlora_init(
 # ------------------------------------------------------------------------------------- apply, delta, merge
 
 
+def _check_params_bases(params: RandLoraParams, bases: RandLoraBases, t: Tensor, /) -> None:
+    named = [(f"params.{f}", v) for f, v in zip(("lambda_", "gamma"), params)]
+    named += [(f"bases.{f}", v) for f, v in zip(("A", "B"), bases)]
+    for name, v in named:
+        check_float(name, v)
+    check_same_device(("x" if t.ndim != 2 else "weight", t), *named)
+
+
 def apply_randlora(
     params: RandLoraParams,
     bases: RandLoraBases,
@@ -448,6 +456,8 @@ def apply_randlora(
     Returns:
         "*batch out", dtype of ``x``.
     """
+    check_float("x", x)
+    _check_params_bases(params, bases, x)
     y = _contribution(
         params, bases, x, in_features=in_features, out_features=out_features, scaling=scaling,
         training=training, dropout=dropout, generator=generator,
@@ -488,6 +498,8 @@ def randlora_merge(params: RandLoraParams, bases: RandLoraBases, weight: Tensor,
     Returns:
         (out_features, in_features), dtype of ``weight``.
     """
+    check_float("weight", weight)
+    _check_params_bases(params, bases, weight)
     return _merge_weight(params, bases, weight, scaling, 1)
 
 
