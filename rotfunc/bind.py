@@ -145,7 +145,7 @@ class _Slot(nn.Module):
             return None
         return self.shared_type(*(getattr(self, f"shared_{f}") for f in self.shared_type._fields))
 
-    def bias(self) -> Tensor | None:
+    def own_bias(self) -> Tensor | None:
         return self._parameters.get(_BIAS)
 
 
@@ -187,7 +187,7 @@ class AdaptedLinear(nn.Module):
 
     def _apply_one(self, name: str, x: Tensor, base: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         slot, cfg = self.slots[name], self._hub.configs[name]
-        params, bias = slot.params(), slot.bias()
+        params, bias = slot.params(), slot.own_bias()
         if base is None or bias is not None:
             base = functools.partial(self._base, bias=bias)
         dtype = _compute_dtype(self.base_layer, x)
@@ -795,7 +795,7 @@ def load_params(model: nn.Module, params: Mapping[str, Tensor], /) -> None:
         if k not in table:
             what = "a base-model parameter (frozen; rotfunc never writes it)" if k in own_names else "not a parameter of the model"
             raise KeyError(f"params[{k!r}]: {what}; expected adapter params like {next(iter(table), '<none attached>')!r}")
-        name, own = table[k]
+        own = table[k][1]
         if not isinstance(v, Tensor):
             raise TypeError(f"params[{k!r}] is a {type(v).__name__}, expected a torch.Tensor")
         if not v.dtype.is_floating_point:
@@ -804,9 +804,10 @@ def load_params(model: nn.Module, params: Mapping[str, Tensor], /) -> None:
             raise ValueError(f"params[{k!r}] has shape={tuple(v.shape)}, the model's has {tuple(own.shape)}")
         if v.device.type == "meta":
             raise ValueError(f"params[{k!r}] is on the meta device (no data), expected {own.device}")
-        if name == merged:
+    for k in params:
+        if table[k][0] == merged:
             raise RuntimeError(
-                f"params[{k!r}] belongs to adapter {name!r}, which is merged into the base weights: "
+                f"params[{k!r}] belongs to adapter {merged!r}, which is merged into the base weights: "
                 "unmerge(model) before loading new params"
             )
     with torch.no_grad():
@@ -827,7 +828,7 @@ def _merge_fn(w: AdaptedLinear, name: str) -> Callable:
     """``(weight, bias) -> (weight', bias')``: adapter ``name``'s pure merge on layer ``w``, in float32 at least
     (the result is cast back to the layer's dtypes); an adapter-owned bias replaces the layer's."""
     slot, cfg = w.slots[name], w._hub.configs[name]
-    own_bias = slot.bias()
+    own_bias = slot.own_bias()
 
     def fn(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         dtype = torch.promote_types(weight.dtype, torch.float32)

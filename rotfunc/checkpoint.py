@@ -59,8 +59,8 @@ def _expected(model: nn.Module, adapter_name: str, config: Any) -> dict[str, tor
         slot = w.slots[adapter_name]
         for field in slot.params_type._fields:
             out[f"{_PREFIX}{path}.{names[field]}"] = getattr(slot, field)
-        if slot.bias() is not None:  # bias="<method>_only" / "all": PEFT saves the trained bias of the base layer
-            out[f"{_PREFIX}{path}.base_layer.bias"] = slot.bias()
+        if slot.own_bias() is not None:  # bias="<method>_only" / "all": PEFT saves the trained bias of the base layer
+            out[f"{_PREFIX}{path}.base_layer.bias"] = slot.own_bias()
         if save_shared:
             shared = slot.shared()
             for field, value in zip(shared._fields, shared):
