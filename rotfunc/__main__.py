@@ -148,10 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _check(args, _error)
-    # before torch starts its thread pools
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    if "torch" not in sys.modules:  # before torch starts its thread pools (a fresh process)
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     from .demo import DemoError
 
@@ -170,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rotfunc: interrupted", file=sys.stderr)
         return 130
+    finally:
+        torch.set_num_threads(threads_before)  # main() called in-process (tests) leaves the caller's setting
     return 0
 
 

@@ -349,7 +349,9 @@ def adapter_config(method: str):
     if method == "oft":
         return OFTConfig(r=0, oft_block_size=32, target_modules="all-linear")
     if method == "randlora":
-        return RandLoraConfig(r=32, randlora_alpha=640, target_modules="all-linear")
+        # save_projection=False: the bases are regenerated from projection_prng_key on load (PEFT does the same);
+        # saved, PEFT's format repeats them for every layer, about 2 GB for this model
+        return RandLoraConfig(r=32, randlora_alpha=640, target_modules="all-linear", save_projection=False)
     raise DemoError(f"--method {method!r} is not known; expected one of {', '.join(METHODS)}")
 
 
