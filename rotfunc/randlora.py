@@ -416,12 +416,12 @@ def randlora_init(
 # ------------------------------------------------------------------------------------- apply, delta, merge
 
 
-def _check_params_bases(params: RandLoraParams, bases: RandLoraBases, t: Tensor, /) -> None:
+def _check_params_bases(params: RandLoraParams, bases: RandLoraBases, name: str, t: Tensor, /) -> None:
     named = [(f"params.{f}", v) for f, v in zip(("lambda_", "gamma"), params)]
     named += [(f"bases.{f}", v) for f, v in zip(("A", "B"), bases)]
-    for name, v in named:
-        check_float(name, v)
-    check_same_device(("x" if t.ndim != 2 else "weight", t), *named)
+    for field, v in named:
+        check_float(field, v)
+    check_same_device((name, t), *named)
 
 
 def apply_randlora(
@@ -457,7 +457,7 @@ def apply_randlora(
         "*batch out", dtype of ``x``.
     """
     check_float("x", x)
-    _check_params_bases(params, bases, x)
+    _check_params_bases(params, bases, "x", x)
     y = _contribution(
         params, bases, x, in_features=in_features, out_features=out_features, scaling=scaling,
         training=training, dropout=dropout, generator=generator,
@@ -499,7 +499,7 @@ def randlora_merge(params: RandLoraParams, bases: RandLoraBases, weight: Tensor,
         (out_features, in_features), dtype of ``weight``.
     """
     check_float("weight", weight)
-    _check_params_bases(params, bases, weight)
+    _check_params_bases(params, bases, "weight", weight)
     return _merge_weight(params, bases, weight, scaling, 1)
 
 
