@@ -643,3 +643,74 @@ def test_the_contract_can_fail():
 
     with pytest.raises(AssertionError, match="merged vs unmerged"):
         test_merged_equals_unmerged_and_unmerge_restores(Broken(), "fp32", SHAPES[0])
+
+
+# ------------------------------------------------------------------------- the shims, generic over adapters
+
+
+def _attached(case: Adapter, dtype: torch.dtype, seed: int, **changes: Any) -> nn.Module:
+    """A one-layer model of ``dtype`` with ``case`` attached (``changes`` replace config fields), random params."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(*SHAPES[0])).to(dtype)
+    config = dataclasses.replace(case, target_modules=["0"], **changes)
+    rotfunc.attach(model, config)
+    g = torch.Generator().manual_seed(seed)
+    params = random_params(config, *SHAPES[0], generator=g)
+    new = {f"0.rotfunc.default.{f}": v for f, v in zip(params._fields, params)}
+    if "0.rotfunc.default.bias" in rotfunc.adapter_params(model):
+        new["0.rotfunc.default.bias"] = torch.randn(SHAPES[0][1], generator=g)
+    rotfunc.load_params(model, new)
+    return model
+
+
+def _assert_merge_exact(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> None:
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".rotfunc." not in k}
+    with torch.no_grad():
+        adapted = model(x)
+        rotfunc.merge(model)
+        merged = model(x)
+    err = (merged.double() - adapted.double()).norm() / adapted.double().norm()
+    assert err <= 4 * K * torch.finfo(dtype).eps, f"merged vs unmerged: rel err {err:.2e}"
+    rotfunc.unmerge(model)
+    after = {k: v for k, v in model.state_dict().items() if ".rotfunc." not in k}
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # bitwise, no inverse taken
+
+
+@case_param
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_shim_half_precision_layer_keeps_float32_params(case, dtype):
+    model = _attached(case, dtype, seed=3)
+    params = rotfunc.adapter_params(model)
+    assert {v.dtype for v in params.values()} == {torch.float32}
+    x = torch.randn(BATCH, SHAPES[0][0]).to(dtype)
+
+    def loss(p):
+        return torch.func.functional_call(model, p, (x,)).float().square().mean()
+
+    g = torch.func.grad(loss)(params)
+    assert all(v.dtype == torch.float32 and v.abs().max() > 0 for v in g.values())
+    with torch.no_grad():
+        assert model(x).dtype == dtype
+    _assert_merge_exact(model, x, dtype)
+
+
+@pytest.mark.parametrize(
+    "case", [c for _, c in CASES if "bias" in {f.name for f in dataclasses.fields(c)}],
+    ids=[n for n, c in CASES if "bias" in {f.name for f in dataclasses.fields(c)}],
+)
+def test_shim_trained_bias_is_an_adapter_param_merged_into_the_bias(case):
+    model = _attached(case, torch.float32, seed=4, bias=f"{case.peft_type.lower()}_only")
+    params = rotfunc.adapter_params(model)
+    assert "0.rotfunc.default.bias" in params
+    base_bias = model[0].base_layer.bias.detach().clone()
+    x = torch.randn(BATCH, SHAPES[0][0])
+
+    def loss(p):
+        return torch.func.functional_call(model, p, (x,)).square().mean()
+
+    assert torch.func.grad(loss)(params)["0.rotfunc.default.bias"].abs().max() > 0
+    with torch.no_grad():
+        with rotfunc.disabled(model):
+            torch.testing.assert_close(model(x), F.linear(x, model[0].base_layer.weight, base_bias))
+    _assert_merge_exact(model, x, torch.float32)
+    assert torch.equal(model[0].base_layer.bias, base_bias)
