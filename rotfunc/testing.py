@@ -329,8 +329,10 @@ def oft_configs(
     coft: Any = False,
     eps: Any = 6e-5,
     init_weights: Any = True,
+    bias: Any = "none",
 ) -> SearchStrategy[OFTConfig]:
-    """:class:`~rotfunc.oft.OFTConfig` s by block size (``r=0``). Arguments as in :func:`road_configs`."""
+    """:class:`~rotfunc.oft.OFTConfig` s by block size (``r=0``). Arguments as in :func:`road_configs`;
+    ``bias=("none", "oft_only")`` also draws adapters that train their own copy of the layers' biases."""
     return st.builds(
         OFTConfig,
         r=st.just(0),
@@ -341,6 +343,7 @@ def oft_configs(
         coft=_strategy(coft),
         eps=_strategy(eps),
         init_weights=_strategy(init_weights),
+        bias=_strategy(bias),
     )
 
 
@@ -352,9 +355,11 @@ def randlora_configs(
     sparse: Any = False,
     very_sparse: Any = False,
     init_weights: Any = True,
+    bias: Any = "none",
 ) -> SearchStrategy[RandLoraConfig]:
-    """:class:`~rotfunc.randlora.RandLoraConfig` s. Arguments as in :func:`road_configs`. (Sparse bases of tiny
-    layers can come out all zero, which ``init_shared`` refuses: they are off by default.)"""
+    """:class:`~rotfunc.randlora.RandLoraConfig` s. Arguments as in :func:`road_configs`; ``bias`` as in
+    :func:`oft_configs` (``"randlora_only"``). (Sparse bases of tiny layers can come out all zero, which
+    ``init_shared`` refuses: they are off by default.)"""
     return st.builds(
         RandLoraConfig,
         r=_strategy(r),
@@ -363,6 +368,7 @@ def randlora_configs(
         sparse=_strategy(sparse),
         very_sparse=_strategy(very_sparse),
         init_weights=_strategy(init_weights),
+        bias=_strategy(bias),
     )
 
 

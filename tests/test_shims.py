@@ -12,10 +12,13 @@ import bitsandbytes as bnb
 import peft
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value
 
 import rotfunc
+import rotfunc.testing
 from rotfunc import BASE_ADAPTER, quant
 from shim_models import WIDTH, assert_same, base_layer, fingerprint, full_fingerprint, mixed_model
 
@@ -518,3 +521,23 @@ def _randlora_call(x):
 def _randlora_merge(weight):
     params, bases = _randlora_parts()
     return rotfunc.randlora_merge(params, bases, weight, scaling=1.0)
+
+
+# ---------------------------------------------------------------- rotfunc.testing draws bias-training configs
+
+
+@settings(max_examples=8, deadline=None)
+@given(config=st.one_of(rotfunc.testing.oft_configs(oft_block_size=(4, 8), bias=("none", "oft_only")),
+                        rotfunc.testing.randlora_configs(bias=("none", "randlora_only"))))
+def test_drawn_configs_with_trained_biases_merge_and_unmerge_bitwise(config):
+    model = mixed_model()
+    original = fingerprint(model)
+    rotfunc.attach(model, dataclasses.replace(config, target_modules=["0", "2", "4", "6"]))
+    params = perturb(model, "default", scale=0.05)
+    assert any(k.endswith(".bias") for k in params) == (config.bias != "none")
+    adapted = out(model)
+    rotfunc.merge(model)
+    merged = out(model)
+    assert ((merged - adapted).norm() / adapted.norm()) < 0.2  # int8 / nf4 requantization
+    rotfunc.unmerge(model)
+    assert_same(fingerprint(model), original)
