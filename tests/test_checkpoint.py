@@ -185,3 +185,23 @@ def test_a_pickle_file_path_is_refused_without_reading_it(minilm, tmp_path):
     bad.write_bytes(b"\x80\x04this would run code if unpickled")
     with pytest.raises(CheckpointError, match=r"adapter\.pt is a pickle file"):
         load_adapter(minilm.model(), bad)
+
+
+def test_saved_config_names_the_model_not_a_local_path_and_files_are_readable(minilm, tmp_path):
+    import os
+    import stat
+
+    model = minilm.model()
+    assert os.path.isabs(model.config._name_or_path)  # loaded from a directory inside site-packages
+    bind.attach(model, rf_config("road"))
+    out = save_adapter(model, tmp_path / "a")
+    cfg = json.loads((out / CONFIG_NAME).read_text())
+    name = cfg["base_model_name_or_path"]
+    assert name and os.sep not in name and name == os.path.basename(model.config._name_or_path)
+    save_adapter(model, tmp_path / "b", base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2")
+    assert json.loads((tmp_path / "b" / CONFIG_NAME).read_text())["base_model_name_or_path"] == (
+        "sentence-transformers/all-MiniLM-L6-v2")
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (WEIGHTS_NAME, CONFIG_NAME):
+        assert stat.S_IMODE((out / f).stat().st_mode) == 0o666 & ~umask, f
