@@ -18,7 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("merge", "floor", "forward", "train", "mixed", "quant", "randlora")
+SECTIONS = ("merge", "floor", "forward", "train", "mixed", "quant", "randlora", "causal_lm")
+# --quick leaves out what needs the SmolLM2 model cache (converted once, 0.5 GB) unless --only names it
+QUICK_SKIPS = ("causal_lm",)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,8 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
                    help="directory for RESULTS.md, results.json, results.png (default: benchmarks/)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    p.add_argument("--only", default=",".join(SECTIONS),
-                   help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
+    p.add_argument("--only", default=None,
+                   help=f"comma-separated sections to run (default all: {','.join(SECTIONS)}; with --quick all but "
+                   f"{','.join(QUICK_SKIPS)})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--render", type=Path, default=None, metavar="JSON",
                    help="run nothing: re-render RESULTS.md and results.png into --out from a results.json")
@@ -58,6 +61,10 @@ def _plan(sections: list[str], quick: bool) -> list[tuple[str, callable]]:
         from benchmarks import randlora
 
         plan.append(("randlora memory (benchmarks.randlora)", lambda: _tag(randlora.memory_rows(quick), "randlora")))
+    if "causal_lm" in sections:
+        from benchmarks import causal_lm
+
+        plan += causal_lm.plan(quick)
     return plan
 
 
@@ -75,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         # rotfunc and PEFT alike (same process). At 4096x4096 first-touch page faults otherwise dominate merges.
         os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
         os.execv(sys.executable, [sys.executable, "-m", "benchmarks", *sys.argv[1:]])
-    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    only = args.only if args.only is not None else ",".join(s for s in SECTIONS if not (args.quick and s in QUICK_SKIPS))
+    sections = [s.strip() for s in only.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         print(f"--only: unknown section(s) {unknown}; known: {', '.join(SECTIONS)}", file=sys.stderr)
