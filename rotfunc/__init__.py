@@ -59,6 +59,7 @@ from .randlora import (
     randlora_unmerge,
 )
 from .road import RoadConfig, RoadParams, apply_road, road_init, road_matrix, road_merge, road_unmerge
+from .train import AdamState, Optimizer, SGDState, adam, sgd, value_and_grad
 
 __version__ = "0.1.0"
 
@@ -78,6 +79,8 @@ __all__ = [
     "BASE_ADAPTER", "AdaptedLinear", "AdapterState", "adapter_state", "adapted_layers", "attach", "detach", "prepare", "unprepare", "adapter_params", "load_params",
     "set_adapter", "active_adapter", "adapter_names", "disable_adapters", "enable_adapters", "disabled",
     "adapter_batch", "merge", "unmerge", "merge_and_unload", "num_trainable",
+    # training step
+    "value_and_grad", "Optimizer", "SGDState", "AdamState", "sgd", "adam",
     # checkpoints
     "save_adapter", "load_adapter", "CheckpointError",
     # the quantized seam (module)
