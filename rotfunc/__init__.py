@@ -33,6 +33,18 @@ from .bind import (
     unprepare,
 )
 from .checkpoint import CheckpointError, load_adapter, save_adapter
+from .ensemble import (
+    AdamState,
+    adam_init,
+    adam_update,
+    ensemble_step,
+    init_params,
+    rename_params,
+    split_by_adapter,
+    stack_params,
+    train_step,
+    unstack_params,
+)
 from .linalg import cayley, cayley_neumann, skew
 from .oft import (
     OFTConfig,
@@ -81,6 +93,9 @@ __all__ = [
     "adapter_batch", "merge", "unmerge", "merge_and_unload", "num_trainable",
     # training step
     "value_and_grad", "Optimizer", "SGDState", "AdamState", "sgd", "adam",
+    # many adapters on one base
+    "stack_params", "unstack_params", "rename_params", "split_by_adapter", "init_params",
+    "AdamState", "adam_init", "adam_update", "train_step", "ensemble_step",
     # checkpoints
     "save_adapter", "load_adapter", "CheckpointError",
     # the quantized seam (module)

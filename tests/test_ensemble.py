@@ -1,0 +1,257 @@
+"""Many adapters on one frozen base: stacked params, vmapped ensemble steps and mixed-batch training, each
+pinned against K separate runs, on float, int8 and nf4 layers (the small model holds all three kinds)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.func import functional_call, grad
+
+import rotfunc
+from shim_models import LINEARS, WIDTH, mixed_model
+
+METHODS = ("road", "oft", "randlora")
+
+
+def _config(method, targets=LINEARS, **kw):
+    targets = list(targets)
+    if method == "road":
+        return rotfunc.RoadConfig(variant=kw.pop("variant", "road_2"), group_size=8, init_weights=False,
+                                  target_modules=targets, **kw)
+    if method == "oft":
+        return rotfunc.OFTConfig(oft_block_size=8, r=0, init_weights=False, target_modules=targets, **kw)
+    return rotfunc.RandLoraConfig(r=4, init_weights=False, target_modules=targets, **kw)
+
+
+def _perturbed(model, names, g):
+    """Non-trivial params for every adapter (RandLoRA's init has lambda=0 ... keep every method away from identity)."""
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            if ".rotfunc." in k:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def _x(n, g, seq=None):
+    shape = (n, WIDTH) if seq is None else (n, seq, WIDTH)
+    return torch.randn(shape, generator=g)
+
+
+def _close(a, b, tol=1e-5):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------------------------------------ stacking helpers
+
+
+def test_stack_unstack_round_trip_and_rename(gen):
+    model = mixed_model()
+    cfg = _config("road")
+    for n in ("s0", "s1", "s2"):
+        rotfunc.attach(model, cfg, adapter_name=n, generator=gen)
+    ps = [rotfunc.adapter_params(model, n) for n in ("s0", "s1", "s2")]
+    stacked = rotfunc.stack_params(ps)
+    assert list(stacked) == list(ps[0])  # keyed like the first adapter
+    for k, v in stacked.items():
+        assert v.shape[0] == 3
+    back = rotfunc.unstack_params(stacked, ["s0", "s1", "s2"])
+    for got, want in zip(back, ps):
+        assert got.keys() == want.keys()
+        for k in got:
+            assert torch.equal(got[k], want[k])
+    # a stacked value shares no storage with its inputs
+    k0 = next(iter(stacked))
+    stacked[k0].add_(1.0)
+    assert not torch.equal(stacked[k0][0], ps[0][k0])
+    # load a member into another adapter
+    rotfunc.load_params(model, rotfunc.unstack_params(rotfunc.stack_params([ps[2]]), ["s0"])[0])
+    for k, v in rotfunc.adapter_params(model, "s0").items():
+        assert torch.equal(v, ps[2][k.replace(".s0.", ".s2.")])
+
+
+def test_stack_params_refuses_mismatched_members(gen):
+    model = mixed_model()
+    rotfunc.attach(model, _config("road"), adapter_name="a", generator=gen)
+    rotfunc.attach(model, _config("road", targets=("0", "2")), adapter_name="b", generator=gen)
+    rotfunc.attach(model, _config("road", variant="road_1"), adapter_name="c", generator=gen)
+    a, b, c = (rotfunc.adapter_params(model, n) for n in "abc")
+    with pytest.raises(ValueError, match=r"params\[1\] has other layers/fields"):
+        rotfunc.stack_params([a, b])
+    with pytest.raises(ValueError, match=r"params\[1\]\[.*has shape="):
+        rotfunc.stack_params([a, c])
+    with pytest.raises(TypeError, match="non-empty sequence"):
+        rotfunc.stack_params(a)
+    with pytest.raises(ValueError, match="must be a sequence of 1 names"):
+        rotfunc.unstack_params(rotfunc.stack_params([a]), ["x", "y"])
+    with pytest.raises(ValueError, match="is not an adapter param key"):
+        rotfunc.rename_params({"0.weight": torch.zeros(1)}, "a")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_init_params_follows_the_config_and_changes_nothing(method):
+    model = mixed_model()
+    rotfunc.attach(model, _config(method), adapter_name="a", generator=torch.Generator().manual_seed(3))
+    before = rotfunc.adapter_params(model, "a")
+    fresh = rotfunc.init_params(model, "a", generator=torch.Generator().manual_seed(3))
+    assert fresh.keys() == before.keys()
+    for k in fresh:  # same generator, same draws: the attach-time init
+        assert torch.equal(fresh[k], before[k]), k
+    other = rotfunc.init_params(model, "a", generator=torch.Generator().manual_seed(4))
+    assert any(not torch.equal(other[k], before[k]) for k in before)
+    for k, v in rotfunc.adapter_params(model, "a").items():
+        assert torch.equal(v, before[k])
+
+
+def test_adam_update_equals_torch_optim_adamw():
+    g = torch.Generator().manual_seed(0)
+    p0 = {"w": torch.randn(5, generator=g), "u": torch.randn(2, 3, generator=g)}
+    params = {k: v.clone().requires_grad_() for k, v in p0.items()}
+    opt = torch.optim.AdamW(list(params.values()), lr=0.05, weight_decay=0.1)
+    mine, state = dict(p0), rotfunc.adam_init(p0)
+    for _ in range(4):
+        grads = {k: torch.randn(v.shape, generator=g) for k, v in p0.items()}
+        for k, p in params.items():
+            p.grad = grads[k].clone()
+        opt.step()
+        mine, state = rotfunc.adam_update(mine, grads, state, lr=0.05, weight_decay=0.1)
+    for k in p0:
+        _close(mine[k], params[k].detach(), 1e-6)
+    assert float(state.step) == 4.0
+
+
+# ------------------------------------------------------------------------------------------ ensembles
+
+
+def _member_loss(model, x, target):
+    def loss_fn(p, x, target):
+        out = functional_call(model, p, (x,))
+        return ((out - target) ** 2).mean()
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("data", ["shared", "per_member"])
+def test_ensemble_step_equals_k_separate_runs(method, data):
+    """K seeds x K learning rates trained at once (3 vmapped Adam steps) == K separate loops."""
+    k = 3
+    model = mixed_model()
+    rotfunc.attach(model, _config(method), adapter_name="e", generator=torch.Generator().manual_seed(0))
+    members = [rotfunc.init_params(model, generator=torch.Generator().manual_seed(s)) for s in range(k)]
+    g = torch.Generator().manual_seed(1)
+    for m in members:
+        for v in m.values():
+            v.add_(0.2 * torch.randn(v.shape, generator=g))
+    lrs = torch.tensor([1e-3, 1e-2, 3e-2])
+    if data == "shared":
+        xs, ts = _x(6, g, seq=2), _x(6, g, seq=2)
+        batch_in_dims = None
+    else:
+        xs, ts = _x(k * 6, g, seq=2).unflatten(0, (k, 6)), _x(k * 6, g, seq=2).unflatten(0, (k, 6))
+        batch_in_dims = 0
+    loss_fn = _member_loss(model, xs, ts)
+    step = rotfunc.ensemble_step(loss_fn, batch_in_dims=batch_in_dims)
+    stacked, state = rotfunc.stack_params(members), None
+    state = rotfunc.adam_init(stacked)
+    all_losses = []
+    for _ in range(3):
+        stacked, state, losses = step(stacked, state, lrs, xs, ts)
+        all_losses.append(losses)
+    assert all_losses[0].shape == (k,)
+    one = rotfunc.train_step(loss_fn)
+    for i in range(k):
+        p, s = members[i], rotfunc.adam_init(members[i])
+        for t in range(3):
+            args = (xs, ts) if data == "shared" else (xs[i], ts[i])
+            p, s, loss = one(p, s, lrs[i], *args)
+            _close(all_losses[t][i], loss)
+        for key in p:
+            _close(stacked[key][i], p[key])
+    # the members really differ (different seeds and learning rates)
+    key = next(iter(stacked))
+    assert not torch.allclose(stacked[key][0], stacked[key][1])
+
+
+def test_ensemble_step_checks_its_arguments():
+    model = mixed_model()
+    rotfunc.attach(model, _config("road"), generator=torch.Generator().manual_seed(0))
+    stacked = rotfunc.stack_params([rotfunc.adapter_params(model)] * 2)
+    x = torch.zeros(2, WIDTH)
+    step = rotfunc.ensemble_step(_member_loss(model, x, x), batch_in_dims=(None,))
+    with pytest.raises(ValueError, match="has 1 entries for 2 args"):
+        step(stacked, rotfunc.adam_init(stacked), 0.1, x, x)
+    with pytest.raises(TypeError, match="must be an AdamState"):
+        step(stacked, {}, 0.1, x)
+    with pytest.raises(ValueError, match=r"lr has shape=\(2, 1\)"):
+        step(stacked, rotfunc.adam_init(stacked), torch.ones(2, 1), x)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_vmapped_minilm_ensemble_equals_a_loop_without_fallback_warnings(minilm, kind):
+    """On the quantized MiniLM with eager attention: vmap over stacked params == K separate grads, and no
+    torch batching-rule fallback warning (SDPA's CPU backward has none; eager attention does)."""
+    model = minilm.model(kind)
+    model.set_attn_implementation("eager")
+    cfg = rotfunc.RoadConfig(variant="road_1", group_size=64, init_weights=False, target_modules=["query", "value"])
+    rotfunc.attach(model, cfg, generator=torch.Generator().manual_seed(0))
+    members = [rotfunc.init_params(model, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    batch = minilm.batch(n=2, max_length=8)
+
+    def loss_fn(p, batch):
+        return functional_call(model, p, args=(), kwargs=batch).last_hidden_state[:, 0].square().mean()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a "performance drop ... batching rule" UserWarning fails here
+        got = torch.func.vmap(grad(loss_fn), in_dims=(0, None))(rotfunc.stack_params(members), batch)
+    for i, p in enumerate(members):
+        want = grad(loss_fn)(p, batch)
+        for k in want:
+            _close(got[k][i], want[k], 1e-4)
+
+
+# ------------------------------------------------------------------------------------------ mixed-batch training
+
+
+def _all_params(model, names):
+    return {k: v for n in names for k, v in rotfunc.adapter_params(model, n).items()}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_mixed_batch_training_gives_each_adapter_its_own_rows_gradient(method):
+    """K adapters on K data sources in one forward (BASE_ADAPTER rows and an adapter on some layers only
+    included): each adapter's gradient equals its gradient on its own rows alone, in training mode."""
+    g = torch.Generator().manual_seed(0)
+    model = mixed_model()
+    rotfunc.attach(model, _config(method), adapter_name="a", generator=g)
+    rotfunc.attach(model, _config(method), adapter_name="b", generator=g)
+    rotfunc.attach(model, _config(method, targets=("2", "6")), adapter_name="c", generator=g)
+    _perturbed(model, "abc", g)
+    model.train()
+    rows = ["a", "b", rotfunc.BASE_ADAPTER, "c", "a", "c", "b", "a"]
+    x, target = _x(len(rows), g, seq=3), _x(len(rows), g, seq=3)
+    params = _all_params(model, "abc")
+
+    def loss_fn(p, x, target, rows):
+        out = functional_call(model, p, (x,), {"adapter_names": rows})
+        return ((out - target) ** 2).sum()
+
+    grads = rotfunc.split_by_adapter(grad(loss_fn)(params, x, target, rows))
+    assert set(grads) == {"a", "b", "c"}
+    for name in "abc":
+        idx = [i for i, r in enumerate(rows) if r == name]
+        rotfunc.set_adapter(model, name)
+        own = rotfunc.adapter_params(model, name)
+        want = grad(lambda p: ((functional_call(model, p, (x[idx],)) - target[idx]) ** 2).sum())(own)
+        assert grads[name].keys() == want.keys()
+        for k in want:
+            _close(grads[name][k], want[k])
+    # the same gradients through plain autograd on the model's parameters
+    out = model(x, adapter_names=rows)
+    ((out - target) ** 2).sum().backward()
+    table = dict(model.named_parameters())
+    for name in "abc":
+        for k, v in grads[name].items():
+            _close(table[k].grad, v)
