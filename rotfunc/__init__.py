@@ -34,15 +34,13 @@ from .bind import (
 )
 from .checkpoint import CheckpointError, load_adapter, save_adapter
 from .ensemble import (
-    AdamState,
-    adam_init,
-    adam_update,
+    EnsembleState,
+    ensemble_init,
     ensemble_step,
     init_params,
     rename_params,
     split_by_adapter,
     stack_params,
-    train_step,
     unstack_params,
 )
 from .linalg import cayley, cayley_neumann, skew
@@ -95,7 +93,7 @@ __all__ = [
     "value_and_grad", "Optimizer", "SGDState", "AdamState", "sgd", "adam",
     # many adapters on one base
     "stack_params", "unstack_params", "rename_params", "split_by_adapter", "init_params",
-    "AdamState", "adam_init", "adam_update", "train_step", "ensemble_step",
+    "EnsembleState", "ensemble_init", "ensemble_step",
     # checkpoints
     "save_adapter", "load_adapter", "CheckpointError",
     # the quantized seam (module)

@@ -10,7 +10,7 @@ Two ways to train K adapters on one (float, 8-bit or 4-bit) base model in one pr
       model.set_attn_implementation("eager")          # transformers: an attention with a batching rule
       stacked = rotfunc.stack_params([rotfunc.init_params(model, generator=torch.Generator().manual_seed(s))
                                       for s in range(K)])
-      state = rotfunc.adam_init(stacked)               # m and v stacked too
+      state = rotfunc.ensemble_init(stacked)           # Adam's moments, stacked too
       step = rotfunc.ensemble_step(loss_fn)            # loss_fn(params, *batch) -> scalar
       stacked, state, losses = step(stacked, state, torch.tensor(lrs), batch)  # losses: (K,)
       rotfunc.load_params(model, rotfunc.unstack_params(stacked)[best])
@@ -25,7 +25,7 @@ Two ways to train K adapters on one (float, 8-bit or 4-bit) base model in one pr
           return per_sample_loss(out).sum()
       grads = rotfunc.split_by_adapter(torch.func.grad(loss_fn)(params, batch, rows))   # {name: grads}
 
-The pure pieces here (``stack_params``, ``unstack_params``, ``adam_init``, ``adam_update``) never touch a model;
+The pure pieces here (``stack_params``, ``unstack_params``, ``ensemble_init``, ``ensemble_step``) never touch a model;
 ``init_params`` reads one (its configs and layer shapes) and changes nothing.
 """
 
@@ -44,10 +44,8 @@ __all__ = [
     "rename_params",
     "split_by_adapter",
     "init_params",
-    "AdamState",
-    "adam_init",
-    "adam_update",
-    "train_step",
+    "EnsembleState",
+    "ensemble_init",
     "ensemble_step",
 ]
 
@@ -171,25 +169,25 @@ def init_params(
     return {k: out[k] for k in current}
 
 
-class AdamState(NamedTuple):
-    """Adam's state for a param dict: a pytree, stacked like the params in an ensemble."""
+class EnsembleState(NamedTuple):
+    """Adam's state for K stacked members (the optimizer state of :func:`ensemble_step`): a pytree."""
 
-    step: Tensor  # shape=() (shared by the members of an ensemble), dtype=float32: steps taken so far
-    m: dict[str, Tensor]  # first moments, like params
-    v: dict[str, Tensor]  # second moments, like params
+    step: Tensor  # shape=() (shared by the members), dtype=float32: steps taken so far
+    m: dict[str, Tensor]  # first moments, like the stacked params: (K, *shape)
+    v: dict[str, Tensor]  # second moments, like the stacked params
 
 
-def adam_init(params: Mapping[str, Tensor], /) -> AdamState:
-    """Zero moments shaped like ``params`` (stacked params give stacked moments) and ``step = 0``."""
+def ensemble_init(params: Mapping[str, Tensor], /) -> EnsembleState:
+    """Zero Adam moments shaped like the stacked ``params`` and ``step = 0``."""
     zeros = {k: torch.zeros_like(p) for k, p in params.items()}
     device = next(iter(params.values())).device if params else None
-    return AdamState(torch.zeros((), device=device), zeros, {k: z.clone() for k, z in zeros.items()})
+    return EnsembleState(torch.zeros((), device=device), zeros, {k: z.clone() for k, z in zeros.items()})
 
 
-def adam_update(
+def _adam_update(
     params: Mapping[str, Tensor],
     grads: Mapping[str, Tensor],
-    state: AdamState,
+    state: EnsembleState,
     /,
     *,
     lr: float | Tensor,
@@ -197,12 +195,11 @@ def adam_update(
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-) -> tuple[dict[str, Tensor], AdamState]:
-    """One Adam(W) step, out of place: ``(new params, new state)``, as ``torch.optim.AdamW`` (``weight_decay=0``:
-    ``torch.optim.Adam``).
+) -> tuple[dict[str, Tensor], EnsembleState]:
+    """One Adam(W) step of one member, out of place, as ``torch.optim.AdamW`` (``rotfunc.adam``).
 
-    ``lr`` may be a float or a 0-d tensor (under ``vmap``: one learning rate per ensemble member). Pure and
-    vmap-safe: no in-place writes, no ``.item()``.
+    Unlike :func:`rotfunc.adam` (a float learning rate closed over), ``lr`` may be a 0-d tensor: under ``vmap``,
+    one learning rate per member. Pure and vmap-safe: no in-place writes, no ``.item()``.
     """
     step = state.step + 1
     c1 = 1 - torch.pow(torch.as_tensor(b1, dtype=step.dtype, device=step.device), step)
@@ -216,19 +213,7 @@ def adam_update(
         if weight_decay:
             p = p * (1 - lr * weight_decay)
         new_p[k], new_m[k], new_v[k] = p - lr * update, m, v
-    return new_p, AdamState(step, new_m, new_v)
-
-
-def train_step(loss_fn: Callable[..., Tensor], /, **adam: Any) -> Callable:
-    """``step(params, state, lr, *args) -> (params, state, loss)``: ``torch.func.grad_and_value`` of
-    ``loss_fn(params, *args)`` (a scalar), then :func:`adam_update` with ``lr`` and the ``adam`` keywords."""
-
-    def step(params, state, lr, *args):
-        grads, loss = torch.func.grad_and_value(loss_fn)(params, *args)
-        new_params, new_state = adam_update(params, grads, state, lr=lr, **adam)
-        return new_params, new_state, loss
-
-    return step
+    return new_p, EnsembleState(step, new_m, new_v)
 
 
 def ensemble_step(
@@ -239,12 +224,14 @@ def ensemble_step(
     randomness: str = "error",
     **adam: Any,
 ) -> Callable:
-    """K training steps at once: :func:`train_step` of ``loss_fn`` vmapped over stacked params and Adam state.
+    """K Adam training steps at once: the gradient of ``loss_fn`` and an Adam(W) update, vmapped over stacked
+    params and optimizer state.
 
     Returns ``step(stacked_params, state, lr, *args) -> (stacked_params, state, losses)`` where ``state`` is
-    :func:`adam_init` of the stacked params, ``lr`` a float (all members) or a (K,) tensor (one per member),
-    and ``losses`` has shape (K,). Member ``i`` computes exactly what ``train_step(loss_fn)`` computes on
-    ``unstack_params(stacked_params)[i]`` (up to float summation order).
+    :func:`ensemble_init` of the stacked params, ``lr`` a float (all members) or a (K,) tensor (one per member),
+    and ``losses`` has shape (K,). Member ``i`` computes what ``rotfunc.value_and_grad(loss_fn)`` then
+    ``rotfunc.adam(lr[i], ...).update`` compute on ``unstack_params(stacked_params)[i]`` (up to float summation
+    order): the base model is read once per layer for all K members.
 
     Args:
         loss_fn: ``loss_fn(params, *args) -> scalar``, e.g. through ``torch.func.functional_call(model, params,
@@ -253,12 +240,15 @@ def ensemble_step(
             member ``i`` slice ``i`` of every arg (K data sources); a tuple sets it per arg.
         randomness: ``vmap``'s randomness flag ("error", "different", "same"): dropout in the model needs
             "different" (or "same").
-        adam: :func:`adam_update` keywords (``b1``, ``b2``, ``eps``, ``weight_decay``).
+        adam: Adam keywords ``b1``, ``b2``, ``eps``, ``weight_decay`` (as :func:`rotfunc.adam`).
     """
-    one = train_step(loss_fn, **adam)
+    unknown = sorted(set(adam) - {"b1", "b2", "eps", "weight_decay"})
+    if unknown:
+        raise TypeError(f"unknown Adam keyword(s) {unknown}; expected b1, b2, eps, weight_decay")
+    value_and_grad = torch.func.grad_and_value(loss_fn)
     def step(params, state, lr, *args):
-        if not isinstance(state, AdamState):
-            raise TypeError(f"state must be an AdamState (from adam_init of the stacked params), got {type(state).__name__}")
+        if not isinstance(state, EnsembleState):
+            raise TypeError(f"state must be an EnsembleState (ensemble_init of the stacked params), got {type(state).__name__}")
         lr_t = torch.as_tensor(lr)
         lr_dim = 0 if lr_t.dim() == 1 else None
         if lr_t.dim() > 1:
@@ -268,12 +258,13 @@ def ensemble_step(
             raise ValueError(f"batch_in_dims={batch_in_dims!r} has {len(arg_dims)} entries for {len(args)} args")
 
         def member(p, m, v, lr_, *a):
-            new_p, new_state, loss = one(p, AdamState(state.step, m, v), lr_, *a)
+            grads, loss = value_and_grad(p, *a)
+            new_p, new_state = _adam_update(p, grads, EnsembleState(state.step, m, v), lr=lr_, **adam)
             return new_p, new_state.m, new_state.v, loss
 
         new_p, m, v, losses = torch.func.vmap(
             member, in_dims=(0, 0, 0, lr_dim, *arg_dims), randomness=randomness
         )(params, state.m, state.v, lr_t if lr_dim == 0 else lr, *args)
-        return new_p, AdamState(state.step + 1, m, v), losses
+        return new_p, EnsembleState(state.step + 1, m, v), losses
 
     return step
