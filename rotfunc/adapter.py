@@ -21,15 +21,31 @@ Adding a fourth adapter means one new file with its params, pure functions and a
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "Adapter", "REGISTRY", "register", "config_for_peft_type", "GENERIC_PEFT_KEYS", "peft_dict", "peft_kwargs",
+    "Adapter", "MixedRows", "REGISTRY", "register", "config_for_peft_type", "GENERIC_PEFT_KEYS", "peft_dict", "peft_kwargs",
     "normalize_layer_selection",
 ]
+
+
+class MixedRows(NamedTuple):
+    """How the rows (dim 0) of a mixed-adapter batch fall into G groups, one group per adapter name.
+
+    Computed once per batch and handed to every layer's optional ``apply_mixed``. ``sizes`` is static (Python
+    ints), so a layer can split the sorted rows without reading a tensor on the host.
+    """
+
+    index: Tensor  # shape=(N,), dtype=int64: the group of each row
+    order: Tensor  # shape=(N,), dtype=int64: row numbers sorted by group (stable), group after group
+    inverse: Tensor  # shape=(N,), dtype=int64: puts sorted row i back at row i (argsort of ``order``)
+    sizes: tuple[int, ...]  # rows per group, in group order (sum N)
+
+    def to(self, device: torch.device) -> "MixedRows":
+        return MixedRows(self.index.to(device), self.order.to(device), self.inverse.to(device), self.sizes)
 
 
 @runtime_checkable
@@ -86,6 +102,12 @@ class Adapter(Protocol):
     ) -> Tensor:
         """The adapted layer's output for input ``x`` ("*batch in" -> "*batch out"), dtype of ``base(x)``."""
         ...
+
+    # (optional) apply_mixed(params_list, x, base, /, *, rows: MixedRows, in_features, out_features, shared=None,
+    #     training=False, generator=None) -> Tensor: a mixed-adapter batch in one batched computation, where
+    #     params_list[g] is group g's params (None: that group has no adapter on this layer and gets base(x)),
+    #     every non-None entry of this same config. Row i must equal ``apply(params_list[rows.index[i]], x[i:i+1],
+    #     base)``. Without it the shims call ``apply`` once per group.
 
     def merge(
         self,

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from . import quant
-from .adapter import Adapter
+from .adapter import Adapter, MixedRows
 
 __all__ = [
     "BASE_ADAPTER",
@@ -87,6 +87,14 @@ class _Batch:
         self.groups = {n: torch.tensor(r) for n, r in rows.items()}
         # outputs are computed group after group; this puts sample i back at row i
         self.inverse = torch.argsort(torch.cat(list(self.groups.values()))) if rows else torch.zeros(0, dtype=torch.long)
+        # the same grouping for one-pass layers (Adapter.apply_mixed): group of each row, rows sorted by group
+        index = [0] * len(names)
+        for g, r in enumerate(rows.values()):
+            for i in r:
+                index[i] = g
+        order = torch.cat(list(self.groups.values())) if rows else torch.zeros(0, dtype=torch.long)
+        self.rows = MixedRows(torch.tensor(index, dtype=torch.long), order, self.inverse,
+                              tuple(len(r) for r in rows.values()))
 
     def __repr__(self) -> str:
         return f"_Batch({list(self.names)!r})"
@@ -223,6 +231,33 @@ class AdaptedLinear(nn.Module):
             return base(x)
         if len(batch.groups) == 1:
             return self._apply_one(here[0], x, base)
+        # One pass for the whole batch when every adapter here has one config that implements apply_mixed (RoAD:
+        # one gathered elementwise op; OFT: one batched rotation of the input; RandLoRA: the shared basis once)
+        # and none brings its own bias: one base call, no per-group split of the layer.
+        cfg = self._hub.configs[here[0]]
+        key, shared = _mixed_key(cfg), self.slots[here[0]].shared()
+        if getattr(cfg, "apply_mixed", None) is not None and all(
+            _mixed_key(self._hub.configs[n]) == key and self.slots[n].own_bias() is None
+            and _same_shapes(self.slots[n].shared(), shared) for n in here
+        ):
+            dtype = _compute_dtype(self.base_layer, x)
+
+            def params_of(name: str) -> tuple[Tensor, ...]:
+                params = self.slots[name].params()
+                if any(p.dtype != dtype for p in params):  # float32 params on a half-precision layer, as _apply_one
+                    params = type(params)(*(p.to(dtype) for p in params))
+                return params
+
+            return cfg.apply_mixed(
+                [params_of(n) if n in self.slots else None for n in batch.groups],
+                x,
+                base,
+                rows=batch.rows.to(x.device),
+                in_features=self.in_features,
+                out_features=self.out_features,
+                shared=shared,
+                training=self.training,
+            )
         # Adapters that call base on the group's own input (RoAD, RandLoRA, samples without an adapter here) share
         # one full-batch base matmul, computed on first use, instead of one small matmul per group; adapters that
         # transform the input first (OFT) or bring their own bias call the base on their own input.
@@ -246,6 +281,25 @@ class AdaptedLinear(nn.Module):
             outs.append(self._apply_one(name, xs, b) if name in self.slots else b(xs))
         # one gather back into sample order (not one full-size index_copy per group)
         return torch.cat(outs, 0).index_select(0, batch.inverse.to(x.device))
+
+
+_SELECTION_FIELDS = frozenset({"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "init_weights"})
+
+
+def _mixed_key(cfg: Adapter) -> tuple:
+    """What of a config shapes a layer's forward: its type and fields, minus which layers it targets and how its
+    params start. Adapters with equal keys on a layer run a mixed batch in one ``apply_mixed`` pass."""
+    return (type(cfg),) + tuple(
+        (f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name not in _SELECTION_FIELDS
+    )
+
+
+def _same_shapes(a: tuple[Tensor, ...] | None, b: tuple[Tensor, ...] | None) -> bool:
+    """Shared frozen pytrees of one config drawn for the same shapes (so equal: RandLoRA's bases are a function
+    of ``projection_prng_key`` and their shapes)."""
+    if a is None or b is None:
+        return a is b
+    return all(x is y or (x.shape == y.shape and x.dtype == y.dtype and x.device == y.device) for x, y in zip(a, b))
 
 
 def _compute_dtype(layer: nn.Module, x: Tensor) -> torch.dtype:
@@ -825,16 +879,22 @@ def num_trainable(model: nn.Module, /, adapter_name: str | None = None) -> int:
 
 
 def _merge_fn(w: AdaptedLinear, name: str) -> Callable:
-    """``(weight, bias) -> (weight', bias')``: adapter ``name``'s pure merge on layer ``w``, in float32 at least
-    (the result is cast back to the layer's dtypes); an adapter-owned bias replaces the layer's."""
+    """``(weight, bias, out=None) -> (weight', bias')``: adapter ``name``'s pure merge on layer ``w``, in float32
+    at least (the result is cast back to the layer's dtypes); an adapter-owned bias replaces the layer's. With
+    ``out`` (an in-place float merge) an adapter whose ``merge`` takes ``out=`` (RoAD, OFT) writes ``W'`` there
+    when the weight is already in the merge dtype; others return a new tensor, which the caller copies in."""
+    import inspect
+
     slot, cfg = w.slots[name], w._hub.configs[name]
     own_bias = slot.own_bias()
+    takes_out = "out" in inspect.signature(cfg.merge).parameters
 
-    def fn(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def fn(weight: Tensor, bias: Tensor | None, out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         dtype = torch.promote_types(weight.dtype, torch.float32)
         params = slot.params_type(*(t.detach().to(dtype) for t in slot.params()))
         b = own_bias.detach() if own_bias is not None else bias
-        return cfg.merge(params, weight.to(dtype), None if b is None else b.to(dtype), shared=slot.shared())
+        kw = {"out": out} if out is not None and takes_out and weight.dtype == dtype else {}
+        return cfg.merge(params, weight.to(dtype), None if b is None else b.to(dtype), shared=slot.shared(), **kw)
 
     return fn
 
@@ -842,9 +902,10 @@ def _merge_fn(w: AdaptedLinear, name: str) -> Callable:
 def merge(model: nn.Module, /, adapter_name: str | None = None, *, safe_merge: bool = False) -> dict[str, Any]:
     """Merge one adapter (default: the active one) into the base weights of every layer that has it.
 
-    Every layer keeps its original weight while merged (float layers: the original tensors; bitsandbytes
-    layers: the original packed weight and quant state), so :func:`unmerge` is exact and cannot fail, whatever
-    the adapter's params (a singular RoAD or OFT block included). Quantized layers are dequantized, merged and
+    Every layer keeps its original weight while merged (float layers: a copy of the weight, the merge written
+    into the weight's own storage, so tied or shared references see it; bitsandbytes layers: the original packed
+    weight and quant state), so :func:`unmerge` is exact and cannot fail, whatever the adapter's params (a
+    singular RoAD or OFT block included). Quantized layers are dequantized, merged and
     requantized once. All or nothing: if any layer fails (or, with ``safe_merge``, produces a non-finite value)
     every layer merged so far is restored and the error is raised.
 
@@ -862,7 +923,9 @@ def merge(model: nn.Module, /, adapter_name: str | None = None, *, safe_merge: b
     records: dict[str, quant.MergeRecord] = {}
     try:
         for path, w in layers:
-            records[path] = quant.merge_into(w.base_layer, _merge_fn(w, name), safe_merge=safe_merge)
+            backup = w.__dict__.pop("_rotfunc_backup", None)  # kept by unmerge(keep_buffers=True)
+            records[path] = quant.merge_into(w.base_layer, _merge_fn(w, name), safe_merge=safe_merge, in_place=True,
+                                             backup=backup)
     except BaseException as e:
         for path in reversed(list(records)):
             quant.restore(model.get_submodule(path).base_layer, records[path])
@@ -874,11 +937,15 @@ def merge(model: nn.Module, /, adapter_name: str | None = None, *, safe_merge: b
     return dict(records)
 
 
-def unmerge(model: nn.Module, /) -> None:
+def unmerge(model: nn.Module, /, *, keep_buffers: bool = False) -> None:
     """Undo :func:`merge`, bitwise: every layer gets back the very weights (and quant state, and bias) it had.
 
     All or nothing: if a layer's weight was replaced since the merge (e.g. a ``load_state_dict``), nothing is
     restored and a ValueError names the layer. A model with nothing merged is left as it is.
+
+    ``keep_buffers=True`` keeps each float layer's backup buffer (one weight-sized tensor per layer) for the
+    next :func:`merge` to reuse: repeated merge/unmerge cycles then run at memory-copy speed, without the page
+    faults of fresh weight-sized allocations, at the cost of that memory while unmerged. By default it is freed.
     """
     hub = _hub(model)
     if hub is None or hub.state.merged is None:
@@ -892,7 +959,10 @@ def unmerge(model: nn.Module, /) -> None:
                 "unmerged; detach(model) is refused too, as the original weights would be lost"
             )
     for path, record in hub.records.items():
-        quant.restore(model.get_submodule(path).base_layer, record, check=False)
+        wrapper = model.get_submodule(path)
+        quant.restore(wrapper.base_layer, record, check=False)
+        if keep_buffers and record.original.get("in_place"):
+            wrapper.__dict__["_rotfunc_backup"] = record.original["data"]
     hub.records = {}
     hub.state = dataclasses.replace(hub.state, merged=None)
 

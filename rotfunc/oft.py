@@ -182,7 +182,7 @@ def _rotations(
     return cayley(Q)
 
 
-def _block_matmul(weight: Tensor, blocks: Tensor, block_size: int) -> Tensor:
+def _block_matmul(weight: Tensor, blocks: Tensor, block_size: int, out: Tensor | None = None) -> Tensor:
     """``weight @ blockdiag(blocks)ᵀ`` for (out, in) ``weight`` and (r or 1, b, b) ``blocks``, block-wise.
 
     Per block ``W'[:, i] = W[:, i] @ M_iᵀ``. Full-size temporaries (each costs ~50 ms at 4096x4096 here): a shared
@@ -190,6 +190,15 @@ def _block_matmul(weight: Tensor, blocks: Tensor, block_size: int) -> Tensor:
     over a strided view of the weight (no input copy) and its rearrangement into (out, in) (two).
     """
     out_features, in_features = weight.shape
+    if out is not None:  # eager, into a contiguous (out, in) tensor: no temporary at all
+        if blocks.shape[0] == 1:
+            flat = weight.reshape(out_features * (in_features // block_size), block_size)
+            torch.mm(flat, blocks[0].mT, out=out.view(out_features * (in_features // block_size), block_size))
+            return out
+        for i in range(blocks.shape[0]):  # column blocks: strided (ld = in) GEMM operands, no copies
+            cols = slice(i * block_size, (i + 1) * block_size)
+            torch.mm(weight[:, cols], blocks[i].mT, out=out[:, cols])
+        return out
     if blocks.shape[0] == 1:
         flat = weight.reshape(out_features * (in_features // block_size), block_size)
         return (flat @ blocks[0].mT).reshape(out_features, in_features)
@@ -419,6 +428,7 @@ def oft_merge(
     num_cayley_neumann_terms: int = 5,
     coft: bool = False,
     eps: float = 6e-5,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Merged weight ``W' = W blockdiag(R)ᵀ`` (PEFT's merge), block-wise: never builds the (in, in) matrix.
 
@@ -428,6 +438,9 @@ def oft_merge(
         params: :class:`OFTParams`.
         weight: (out_features, in_features) float weight.
         block_size, ...: :func:`oft_rotate`'s statics.
+        out: optional preallocated (out_features, in_features) tensor (``weight``'s dtype and device,
+            contiguous, not overlapping ``weight``) that receives ``W'`` with no full-size temporary when the
+            weight is float32/float64; returned as the result. Eager only (an in-place write).
 
     Returns:
         (out_features, in_features), dtype of ``weight``.
@@ -440,6 +453,13 @@ def oft_merge(
         params.q.to(dtype), block_size=block_size, use_cayley_neumann=use_cayley_neumann,
         num_cayley_neumann_terms=num_cayley_neumann_terms, coft=coft, eps=eps,
     )
+    if out is not None:
+        from .road import _check_out
+
+        _check_out(out, weight)
+        if dtype == weight.dtype:
+            return _block_matmul(weight, R, block_size, out=out)
+        return out.copy_(_block_matmul(weight.to(dtype), R, block_size))
     return _block_matmul(weight.to(dtype), R, block_size).to(weight.dtype)
 
 
@@ -635,16 +655,71 @@ class OFTConfig:
         )
         return base(rotated)
 
+    def apply_mixed(
+        self,
+        params_list: Sequence[OFTParams | None],
+        x: Tensor,
+        base: Callable[[Tensor], Tensor],
+        /,
+        *,
+        rows: Any,
+        in_features: int,
+        out_features: int,
+        shared: Any = None,
+        training: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """A mixed-adapter batch (group ``rows.index[i]`` for row ``i``; ``None``: base output) in one pass:
+        each group's rotation blocks are built once, gathered per row (identity blocks for ``None``), every
+        row's input is rotated by one batched matmul, then one base call runs on the whole batch.
+
+        Row ``i`` equals :meth:`apply` with ``params_list[rows.index[i]]`` (module dropout, when training,
+        draws one block mask per group, as the per-group call does).
+        """
+        present = [p for p in params_list if p is not None]
+        if not present:
+            return base(x)
+        if x.shape[-1] != in_features:
+            raise ValueError(f"x has shape={tuple(x.shape)}, expected (..., in_features={in_features})")
+        statics = self._statics(in_features)
+        b = statics["block_size"]
+        rank = in_features // b
+        q0 = present[0].q
+        check_float("x", x)
+        blocks = []
+        eye = torch.eye(b, dtype=q0.dtype, device=q0.device).expand(rank, b, b)
+        for p in params_list:
+            if p is None:
+                blocks.append(eye)
+                continue
+            p = p if isinstance(p, OFTParams) else OFTParams(*p)
+            check_float("params.q", p.q)
+            check_same_device(("params.q", p.q), ("x", x))
+            _check_q(p.q, in_features, b, self.block_share)
+            R = oft_blocks(p, **statics).expand(rank, b, b)
+            if training and self.module_dropout > 0:
+                u = torch.rand(rank, generator=generator, device=x.device)
+                R = torch.where((u < self.module_dropout)[:, None, None], eye, R)
+            blocks.append(R)
+        R_rows = torch.stack(blocks).index_select(0, rows.index)  # (N, r, b, b)
+        xb = rearrange(x.to(q0.dtype), "n ... (r b) -> n (...) r b", b=b)
+        y = torch.einsum("nmrk,nrkc->nmrc", xb, R_rows)
+        rotated = rearrange(y, "n m r b -> n m (r b)").reshape(x.shape).to(x.dtype)
+        return base(rotated)
+
     def merge(
-        self, params: OFTParams, weight: Tensor, bias: Tensor | None, /, *, shared: Any = None
+        self, params: OFTParams, weight: Tensor, bias: Tensor | None, /, *, shared: Any = None,
+        out: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """``(W blockdiag(R)ᵀ, bias)``; with ``fan_in_fan_out`` the weight is (in, out) and stays so."""
+        """``(W blockdiag(R)ᵀ, bias)``; with ``fan_in_fan_out`` the weight is (in, out) and stays so.
+        ``out``: as :func:`oft_merge`'s (the merged weight written there)."""
         if not isinstance(params, OFTParams):
             params = OFTParams(*params)
         if self.fan_in_fan_out:
             w = weight.mT
-            return oft_merge(params, w, **self._statics(w.shape[-1])).mT.contiguous(), bias
-        return oft_merge(params, weight, **self._statics(weight.shape[-1])), bias
+            merged = oft_merge(params, w, **self._statics(w.shape[-1])).mT
+            return (merged.contiguous() if out is None else out.copy_(merged)), bias
+        return oft_merge(params, weight, **self._statics(weight.shape[-1]), out=out), bias
 
     def unmerge(
         self, params: OFTParams, weight: Tensor, bias: Tensor | None, /, *, shared: Any = None

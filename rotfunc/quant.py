@@ -612,7 +612,12 @@ def _put_back(layer: nn.Module, snap: dict) -> None:
     if layer.bias is not None and snap["bias"] is not None:
         layer.bias.data = snap["bias"]
     if not (_is_8bit(layer) or _is_4bit(layer)):
-        layer.weight.data = snap["data"]
+        if snap.get("in_place"):  # the original values go back into the weight's own storage
+            with torch.no_grad():
+                layer.weight.data.copy_(snap["data"])
+            layer.weight.__dict__.pop("_rotfunc_merge_token", None)
+        else:
+            layer.weight.data = snap["data"]
         return
     if _is_8bit(layer):
         w = layer.weight
@@ -635,12 +640,17 @@ def _merged_marker(layer: nn.Module) -> Any:
     """
     if _is_8bit(layer):
         return layer.state.SCB if layer.state.SCB is not None else layer.weight.SCB
-    if not _is_4bit(layer):  # float: the storage of the weight the merge assigned
-        return layer.weight.untyped_storage().data_ptr()
+    if not _is_4bit(layer):
+        token = layer.weight.__dict__.get("_rotfunc_merge_token")
+        if token is not None:  # an in-place merge: its token, the same storage, no in-place write since
+            return (token, layer.weight.untyped_storage().data_ptr(), layer.weight._version)
+        return layer.weight.untyped_storage().data_ptr()  # float: the storage of the weight the merge assigned
     return getattr(layer.weight.quant_state, "_rotfunc_merge_token", None)
 
 
 def _same_marker(a: Any, b: Any) -> bool:
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and a[0] is b[0] and a[1:] == b[1:]
     return a == b if isinstance(a, int) else a is b
 
 
@@ -734,7 +744,10 @@ def _requant_error(payload: QuantWeight, w: Tensor, /, *, rows: int = 1024) -> t
     return float(max_abs), (err / ref if ref > 0 else (0.0 if err == 0 else math.inf))
 
 
-def merge_into(layer: nn.Module, merge_fn: MergeFn, /, *, safe_merge: bool = False) -> MergeRecord:
+def merge_into(
+    layer: nn.Module, merge_fn: MergeFn, /, *, safe_merge: bool = False, in_place: bool = False,
+    backup: Tensor | None = None,
+) -> MergeRecord:
     """Merge ``merge_fn`` into any base linear (float, 4-bit, 8-bit), atomically.
 
     Quantized layers: dequantize -> ``merge_fn(W, b)`` -> :func:`requantize` -> :func:`assign_quantized`.
@@ -751,6 +764,14 @@ def merge_into(layer: nn.Module, merge_fn: MergeFn, /, *, safe_merge: bool = Fal
       merge_fn: pure ``(weight_f (out, in), bias (out,) | None) -> (weight_f', bias')`` on float tensors; it
         receives detached tensors (float32 for int8, ``quant_state.dtype`` for 4-bit) and must not mutate them.
       safe_merge: check for NaN/inf before touching the layer (raises ValueError).
+      in_place: float ``nn.Linear`` only (ignored for quantized layers): merge into the weight's own storage.
+        The weight is copied once into a backup buffer, ``merge_fn(backup, bias, out=weight)`` is called (it may
+        write ``W'`` into ``out`` and return it, or return a new tensor, which is then copied in), and the record
+        keeps the backup, so :func:`restore` copies it back: bitwise, and every reference to the weight's
+        storage (tied or shared weights, views) sees the merge. On failure the weight is copied back first.
+      backup: a buffer of the weight's shape and dtype to keep the original in (``in_place`` only), e.g. the
+        one a previous in-place record held; allocated when None (a fresh weight-sized allocation costs page
+        faults, see the merge benchmark).
 
     Returns:
       A :class:`MergeRecord` with the requantization error.
@@ -759,6 +780,8 @@ def merge_into(layer: nn.Module, merge_fn: MergeFn, /, *, safe_merge: bool = Fal
         return _merge_quantized(layer, merge_fn, safe_merge)
     if not isinstance(layer, nn.Linear):
         raise TypeError(f"merge_into expects nn.Linear, Linear4bit or Linear8bitLt, got {type(layer).__name__}")
+    if in_place:
+        return _merge_float_in_place(layer, merge_fn, safe_merge, backup)
     weight = layer.weight.detach()
     bias = None if layer.bias is None else layer.bias.detach()
     w, b = _check_merge_output(layer, merge_fn(weight, bias), tuple(weight.shape))
@@ -778,6 +801,49 @@ def merge_into(layer: nn.Module, merge_fn: MergeFn, /, *, safe_merge: bool = Fal
         _put_back(layer, snap)
         raise
     return MergeRecord(None, 0.0, 0.0, snap, _mark_merged(layer))
+
+
+def _finite(t: Tensor | None) -> bool:
+    """No NaN/inf in ``t``, reading it once without a full-size boolean temporary (one sum; the exact check
+    only when the sum is not finite, which an overflow of finite values can also cause)."""
+    if t is None:
+        return True
+    return bool(t.sum().isfinite()) or bool(torch.isfinite(t).all())
+
+
+def _merge_float_in_place(layer: nn.Linear, merge_fn: MergeFn, safe_merge: bool, backup: Tensor | None) -> MergeRecord:
+    weight = layer.weight.data  # the storage every reference sees; writes through .data leave autograd alone
+    bias = None if layer.bias is None else layer.bias.data
+    usable = (
+        backup is not None and backup.shape == weight.shape and backup.dtype == weight.dtype
+        and backup.device == weight.device and backup.is_contiguous()
+        and backup.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()
+    )
+    buf = backup if usable else torch.empty_like(weight, memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        buf.copy_(weight)
+        try:
+            out = weight if weight.is_contiguous() else None
+            w, b = _check_merge_output(layer, merge_fn(buf, bias, out=out), tuple(weight.shape))
+            if w.data_ptr() != weight.data_ptr():
+                weight.copy_(w)
+            del w
+            new_b = None if b is None else b.detach().to(bias.dtype)
+            if new_b is not None and new_b.data_ptr() == bias.data_ptr():
+                new_b = new_b.clone()
+            if safe_merge and not (_finite(weight) and _finite(new_b)):
+                raise ValueError(f"merged weight of {type(layer).__name__}{tuple(weight.shape)} has non-finite "
+                                 "values; layer left unchanged")
+            if new_b is not None:
+                layer.bias.data = new_b
+        except BaseException:
+            weight.copy_(buf)
+            if bias is not None:
+                layer.bias.data = bias
+            raise
+    token = object()
+    layer.weight._rotfunc_merge_token = token
+    return MergeRecord(None, 0.0, 0.0, {"data": buf, "bias": bias, "in_place": True}, _merged_marker(layer))
 
 
 def _merge_quantized(layer: nn.Module, merge_fn: MergeFn, safe_merge: bool) -> MergeRecord:

@@ -650,6 +650,57 @@ class RandLoraConfig:
         )
         return (y + delta).to(y.dtype)
 
+    def apply_mixed(
+        self,
+        params_list: Sequence[RandLoraParams | None],
+        x: Tensor,
+        base: Callable[[Tensor], Tensor],
+        /,
+        *,
+        rows: Any,
+        in_features: int,
+        out_features: int,
+        shared: RandLoraBases | None = None,
+        training: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """A mixed-adapter batch (group ``rows.index[i]`` for row ``i``; ``None``: base output): one base call
+        and one product with the shared basis ``B`` on the whole batch; only the product with each group's
+        scaled basis ``S_g`` (``lambda``, ``gamma`` folded into ``A``) runs per group, on the group's rows.
+
+        Every group must use the same shared bases (adapters of one config on one model do). Row ``i`` equals
+        :meth:`apply` with ``params_list[rows.index[i]]`` up to float summation order.
+        """
+        present = [p for p in params_list if p is not None]
+        if not present:
+            return base(x)
+        bases = self._bases(shared)
+        dims = {_layer_dims(p, bases, in_features, out_features) for p in present}
+        if len(dims) != 1:
+            raise ValueError(f"the groups' params have different shapes on this layer: {sorted(dims)}")
+        if x.dim() < 1 or x.shape[-1] != in_features:
+            raise ValueError(f"x has shape={tuple(x.shape)}, expected (*batch, in_features={in_features})")
+        r, nb, lo, hi = dims.pop()
+        y = base(x)
+        dtype = _compute_dtype(present[0], bases)
+        xc = x.to(dtype)
+        if training and self.randlora_dropout > 0.0:
+            xc = _dropout(xc, self.randlora_dropout, generator)
+        A = bases.A.detach()[:, 0, :lo].to(dtype)
+        Bf = _flat_b(bases.B.detach()[:hi, :nb, :].to(dtype))  # (hi, nb * r)
+        first = xc if in_features <= out_features else xc @ Bf  # lo = out: ΔW x = S^T (flat(B)^T x)
+        parts = first.index_select(0, rows.order).split(list(rows.sizes))
+        outs = []
+        for p, part in zip(params_list, parts):
+            if p is None:
+                outs.append(part.new_zeros(part.shape[:-1] + (r * nb if in_features <= out_features else lo,)))
+                continue
+            S = _scaled_a(p.lambda_.to(dtype) * self.scaling, A, p.gamma.to(dtype))  # (r * nb, lo)
+            outs.append(part @ S.mT if in_features <= out_features else part @ S)
+        mid = torch.cat(outs).index_select(0, rows.inverse)
+        delta = mid @ Bf.mT if in_features <= out_features else mid
+        return (y + delta).to(y.dtype)
+
     def merge(
         self, params: RandLoraParams, weight: Tensor, bias: Tensor | None, /, *, shared: RandLoraBases | None = None
     ) -> tuple[Tensor, Tensor | None]:

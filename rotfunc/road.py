@@ -180,8 +180,10 @@ def _plain_eager(*ts: Tensor) -> bool:
     return is_wrapped is not None and not any(is_wrapped(t) for t in ts)
 
 
-def _mix_rows(p: Tensor, q: Tensor, w: Tensor, /, *, group_size: int) -> Tensor:
-    """The pair mixing of :func:`_mix_last` on the rows of ``w`` ("out in"): one fresh (out, in) tensor.
+def _mix_rows(p: Tensor, q: Tensor, w: Tensor, /, *, group_size: int, out: Tensor | None = None) -> Tensor:
+    """The pair mixing of :func:`_mix_last` on the rows of ``w`` ("out in"): one fresh (out, in) tensor, or
+    written into ``out`` (a contiguous tensor of ``w``'s shape and dtype that does not overlap ``w``; eager,
+    no autograd) with no full-size temporary at all.
 
     Eagerly, the accumulation is written into the product this function has just made (it saves a
     full-size temporary: ~20-30 ms at 4096x4096 here), which plain autograd handles. Under torch.func
@@ -192,6 +194,11 @@ def _mix_rows(p: Tensor, q: Tensor, w: Tensor, /, *, group_size: int) -> Tensor:
     c1 = torch.stack((q[..., 0, :], p[..., 1, :]), dim=-2).unsqueeze(-1)  # multiplies W_j (second half)
     w4 = w.unflatten(-2, (-1, 2, group_size // 2))
     top, bottom = w4[..., 0:1, :, :], w4[..., 1:2, :, :]
+    if out is not None:
+        o4 = out.unflatten(-2, (-1, 2, group_size // 2))
+        torch.mul(c0, top, out=o4)
+        o4.addcmul_(c1, bottom)
+        return out
     if _plain_eager(c0, c1, w):
         out = (c0 * top).addcmul_(c1, bottom)
     else:
@@ -230,14 +237,19 @@ def _check_invertible(fi: Tensor, si: Tensor, fj: Tensor, sj: Tensor, det: Tenso
         )
 
 
-def _merge(params: RoadParams, weight: Tensor, bias: Tensor | None, /, *, variant: str, group_size: int):
+def _merge(
+    params: RoadParams, weight: Tensor, bias: Tensor | None, /, *, variant: str, group_size: int,
+    out: Tensor | None = None,
+):
     """road_merge without the same-dtype check (coefficients cast to the weight's dtype, as PEFT casts R)."""
     p, q = _forward_pq(*_cols(params, variant=variant, group_size=group_size))
-    return _apply_rows(p, q, weight, bias, group_size=group_size)
+    return _apply_rows(p, q, weight, bias, group_size=group_size, out=out)
 
 
-def _apply_rows(p: Tensor, q: Tensor, weight: Tensor, bias: Tensor | None, /, *, group_size: int):
-    new_w = _mix_rows(p.to(weight.dtype), q.to(weight.dtype), weight, group_size=group_size)
+def _apply_rows(
+    p: Tensor, q: Tensor, weight: Tensor, bias: Tensor | None, /, *, group_size: int, out: Tensor | None = None
+):
+    new_w = _mix_rows(p.to(weight.dtype), q.to(weight.dtype), weight, group_size=group_size, out=out)
     new_b = None if bias is None else _mix_last(p.to(bias.dtype), q.to(bias.dtype), bias, group_size=group_size)
     return new_w, new_b
 
@@ -386,7 +398,8 @@ def road_matrix(params: RoadParams, /, *, variant: str, group_size: int) -> Tens
 
 
 def road_merge(
-    params: RoadParams, weight: Tensor, bias: Tensor | None = None, /, *, variant: str, group_size: int
+    params: RoadParams, weight: Tensor, bias: Tensor | None = None, /, *, variant: str, group_size: int,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Fold RoAD into a linear layer: ``(R W, R b)`` with O(out * in) work, never building ``R``.
 
@@ -397,6 +410,9 @@ def road_merge(
         weight: "out in".
         bias: "out" or None.
         variant, group_size: as in :func:`apply_road`.
+        out: optional preallocated "out in" tensor (``weight``'s dtype and device, contiguous, not overlapping
+            ``weight``) that receives ``W'`` without any full-size temporary; it is returned as ``W'``. Eager only
+            (an in-place write: not under ``torch.func`` transforms or autograd).
 
     Returns:
         ``(W', b')``: new tensors, "out in" and "out" (``None`` when ``bias`` is None).
@@ -405,7 +421,25 @@ def road_merge(
     check_same_dtype_device("params.theta", params.theta, "weight", weight)
     if bias is not None:
         check_same_dtype_device("weight", weight, "bias", bias)
-    return _merge(params, weight, bias, variant=variant, group_size=group_size)
+    _check_out(out, weight)
+    return _merge(params, weight, bias, variant=variant, group_size=group_size, out=out)
+
+
+def _check_out(out: Tensor | None, weight: Tensor, /) -> None:
+    if out is None:
+        return
+    if not isinstance(out, Tensor) or out.shape != weight.shape or out.dtype != weight.dtype or out.device != weight.device:
+        what = f"shape={tuple(out.shape)}, dtype={out.dtype}, device={out.device}" if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"out has {what}; expected weight's shape={tuple(weight.shape)}, dtype={weight.dtype}, "
+                         f"device={weight.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"out must be contiguous, got strides {out.stride()}")
+    if out.requires_grad and torch.is_grad_enabled():
+        raise ValueError("out requires grad: an in-place merge is for eager weights (use the out-of-place form under autograd)")
+    a0, a1 = out.data_ptr(), out.data_ptr() + out.numel() * out.element_size()
+    b0, b1 = weight.data_ptr(), weight.data_ptr() + weight.numel() * weight.element_size()
+    if a0 < b1 and b0 < a1:
+        raise ValueError("out overlaps weight: the merge reads weight while writing out (pass a copy)")
 
 
 # ----------------------------------------------------------------------------------------------- unmerge
@@ -553,6 +587,46 @@ class RoadConfig:
         out = apply_road(params, y.to(params.theta.dtype), **self._statics())
         return out.to(y.dtype)
 
+    def apply_mixed(
+        self,
+        params_list: Sequence[RoadParams | None],
+        x: Tensor,
+        base: Callable[[Tensor], Tensor],
+        /,
+        *,
+        rows: Any,
+        in_features: int,
+        out_features: int,
+        shared: tuple[Tensor, ...] | None = None,
+        training: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """A mixed-adapter batch (group ``rows.index[i]`` for row ``i``; ``None``: base output) in one pass:
+        one base call on the whole batch, then every row's (p, q) coefficients gathered from the groups'
+        stacked ones and one elementwise rotation -- batching RoAD costs one gather, as its paper points out.
+
+        Row ``i`` equals :meth:`apply` with ``params_list[rows.index[i]]`` (bitwise: the same elementwise ops).
+        """
+        present = [p for p in params_list if p is not None]
+        if not present:
+            return base(x)
+        y = base(x)
+        if y.shape[-1] != out_features:
+            raise ValueError(f"base(x) has shape={tuple(y.shape)}, expected last dim out_features={out_features}")
+        ref = present[0].theta
+        for p in present:
+            _check_params(p, self.variant, out_features)
+            check_same_dtype_device("params.theta", p.theta, "params[0].theta", ref)
+        # identity entries (theta = 0, alpha = 1: p = 1, q = 0 exactly) for groups without this adapter
+        theta = torch.stack([p.theta if p is not None else torch.zeros_like(ref) for p in params_list])
+        alpha = torch.stack([p.alpha if p is not None else torch.ones_like(ref) for p in params_list])
+        p, q = _forward_pq(*_cols(RoadParams(theta, alpha), **self._statics()))  # (G, groups, 2, half)
+        view = (-1,) + (1,) * (y.dim() - 2) + p.shape[1:]
+        yc = y.to(ref.dtype)
+        p = p.to(yc.dtype).index_select(0, rows.index).view(view)
+        q = q.to(yc.dtype).index_select(0, rows.index).view(view)
+        return _mix_last(p, q, yc, group_size=self.group_size).to(y.dtype)
+
     def merge(
         self,
         params: RoadParams,
@@ -561,12 +635,15 @@ class RoadConfig:
         /,
         *,
         shared: tuple[Tensor, ...] | None = None,
+        out: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """``(R W, R b)``; params may have another float dtype than the weight (the coefficients are
-        computed from the params, then cast to the weight's dtype, as PEFT casts its ``R``)."""
+        computed from the params, then cast to the weight's dtype, as PEFT casts its ``R``). ``out``: as
+        :func:`road_merge`'s (``R W`` written there, no full-size temporary)."""
         _check_merge_inputs(params, weight, bias, self.variant, self.group_size)
         _check_same_device(params, weight, bias)
-        return _merge(params, weight, bias, **self._statics())
+        _check_out(out, weight)
+        return _merge(params, weight, bias, **self._statics(), out=out)
 
     def unmerge(
         self,
