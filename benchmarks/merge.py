@@ -13,6 +13,11 @@ bitsandbytes nf4 ``Linear4bit`` (fp32 compute, with bias):
 * ``merge into nf4 vs floor`` (n = 4096): ``rotfunc.merge`` alone against the bare ``dequantize +
   requantize`` of the same layer (the floor any merge into nf4 pays); target <= 1.3x the floor.
 * an exact-Cayley OFT row at 4096 from ``benchmarks.oft`` (the default rows use PEFT's Cayley-Neumann).
+* ``merge+unmerge fp32 vs copy floor`` (RoAD and OFT, n = 4096): ``rotfunc.merge`` + ``rotfunc.unmerge`` on the
+  float layer (in place: the weight copied once into a backup, the merge written into the weight's own storage,
+  unmerge copies the backup back) against the floor of two in-place copies of W (``buf.copy_(W);
+  W.copy_(buf)`` into an existing buffer); target <= 2x the floor. Alongside (not judged): the same cycle with
+  ``unmerge(keep_buffers=True)``, which reuses the backup buffer instead of allocating a fresh one per merge.
 
 Targets (fp32, 4096^2): RoAD >= 100x PEFT, OFT >= 30x. PEFT's 4096 merges take seconds: they get 2 timed
 repeats (and 3 at 1024) against rotfunc's 5 (7 at 1024); the peak-memory column is measured on the warm-up
@@ -139,6 +144,45 @@ def floor_row(method: str, n: int, *, repeats: int) -> dict:
                method=method, size=n, kind="nf4", section="floor")
 
 
+def copy_floor_row(method: str, n: int, *, repeats: int) -> dict:
+    """Float merge+unmerge through the shims against two in-place copies of W, samples interleaved."""
+    import rotfunc
+
+    _, _, model = pair(method, n, "fp32")
+    w = model.lin.base_layer.weight.detach()
+    buf = torch.empty_like(w)
+
+    def floor():
+        buf.copy_(w)
+        w.copy_(buf)
+
+    def cycle():
+        rotfunc.merge(model)
+        rotfunc.unmerge(model)
+
+    def cycle_kept():
+        rotfunc.merge(model)
+        rotfunc.unmerge(model, keep_buffers=True)
+
+    fns = {"merge": cycle, "kept": cycle_kept, "floor": floor}
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[k].append(time.perf_counter() - t0)
+    rotfunc.merge(model)
+    rotfunc.unmerge(model)  # frees the kept buffer
+    t_m, t_k, t_f = ({"median": statistics.median(v), "min": min(v), "max": max(v)} for v in samples.values())
+    over, over_k = t_m["median"] / t_f["median"], t_k["median"] / t_f["median"]
+    return row(f"{LABEL[method]} merge+unmerge {n}x{n} fp32 (in place) vs two in-place copies of W", t_m, t_f,
+               target="<= 2x floor", met=over <= 2.0,
+               measured=f"{over:.3g}x floor ({over_k:.3g}x with unmerge(keep_buffers=True))", vs="copy floor",
+               kept_s=t_k["median"], method=method, size=n, kind="fp32", section="floor")
+
+
 def _oft_exact_row() -> dict:
     from benchmarks import oft
 
@@ -163,6 +207,9 @@ def plan(quick: bool = False) -> list[tuple[str, callable]]:
     n_floor = 128 if quick else 4096
     for method in METHODS:
         out.append((f"floor {method} {n_floor}", lambda m=method: floor_row(m, n_floor, repeats=1 if quick else 5)))
+    for method in ("road", "oft"):
+        out.append((f"floor {method} fp32 copies {n_floor}",
+                    lambda m=method: copy_floor_row(m, n_floor, repeats=1 if quick else 7)))
     if not quick:
         out.append(("merge oft exact 4096", _oft_exact_row))
     return out

@@ -1,41 +1,54 @@
-"""One training step (forward + backward) on the 4-bit MiniLM with each adapter, rotfunc vs PEFT.
+"""One training step (forward + backward + Adam update) on the 4-bit MiniLM with each adapter, rotfunc vs PEFT.
 
 Model: all-MiniLM-L6-v2 loaded in nf4 by transformers (``rotfunc.demo.load_minilm(quantize="nf4")``, fp32
 compute), eval mode (no dropout) on both sides; adapter on ``target_modules=["query", "key", "value", "dense"]``
 (every linear layer: attention q/k/v/output, intermediate, output, pooler), the same config fields on both sides
 (``benchmarks._common.FIELDS``). Batch: 16 stdlib sentences padded to 32 tokens (the demo's defaults); loss:
 squared distance of the mean-pooled normalized embeddings (``rotfunc.demo.embed``) to a fixed random target.
+Each step ends with an Adam update of the adapter params on both sides.
 
-* rotfunc: ``torch.func.grad`` of the loss over ``functional_call`` on the ``rotfunc.attach``-ed model (every
-  nf4 layer through rotfunc's ``torch.func``-safe dequantize + matmul, which re-dequantizes in backward);
-* PEFT: ``get_peft_model`` then ``loss.backward()`` (bitsandbytes' own ``Linear4bit`` forward/backward inside),
-  grads reset to None between steps.
+Sides (each a full step):
 
-Timing: median over ``repeats`` steps after one warm-up step. Peak memory: the process's resident high-water
-mark (``VmHWM``, reset after the warm-up step) over the measured steps, model included (the same nf4 model and
-the same imports on both sides), i.e. what training needs in steady state; ``*_step_peak_bytes`` is one step's
-peak above the resident level before it (``peak_rss_bytes``), which misses memory the allocator reuses. In the full run
-each (method, side) runs in a **fresh subprocess** (``python -m benchmarks.train --worker SIDE METHOD``) so
-that neither side inherits the other's allocator state; ``--quick`` runs in-process on a tiny batch.
+* ``rotfunc``: ``rotfunc.value_and_grad(loss_fn)(params, batch)`` over ``functional_call`` on the
+  ``rotfunc.attach``-ed model, then ``rotfunc.adam`` (pure, over the params dict). Called outside any
+  ``torch.func`` transform, so it runs plain autograd underneath (``rotfunc.train``).
+* ``rotfunc compiled``: the same with ``value_and_grad(loss_fn, compile=True, fullgraph=True)`` (inductor
+  compiles the forward, AOTAutograd the backward); its first call (the compile) is reported separately.
+* ``rotfunc torch.func.grad`` (no target, for reference): ``torch.func.grad`` of the same loss, as before.
+* ``PEFT``: ``get_peft_model`` then ``loss.backward()`` and ``torch.optim.Adam.step()`` (bitsandbytes' own
+  ``Linear4bit`` forward/backward inside), ``zero_grad(set_to_none=True)`` between steps: the baseline.
+* ``PEFT compiled`` (second baseline): the same with ``torch.compile(peft_model)``; dynamo graph-breaks on
+  bitsandbytes' layers (the count is in the row).
 
-Run: ``python -m benchmarks.train`` (``--quick`` for a small in-process smoke run).
+Time: every side lives in **one process per method**, warmed up (compiled) first, then ``rounds`` rounds in
+which every side takes one step in turn; medians over the rounds. So load from other jobs hits all sides alike.
+Peak memory: rotfunc and PEFT each in a **fresh subprocess** (so that no side inherits another's allocator
+state): the process's resident high-water mark (``VmHWM``, reset after the warm-up steps) over two more steps,
+model included (the same nf4 model and imports on every side). rotfunc compiled: measured the same way in the
+timing process, as the first side built there (before any other side's model exists), not compiled twice.
+
+Run: ``python -m benchmarks.train`` (``--quick`` for a small in-process smoke run without compiling).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
 from benchmarks._common import LABEL, METHODS, THREADS, configs, quiet, row
-from benchmarks._harness import _status_kb, format_table, peak_rss_bytes, timeit
+from benchmarks._harness import _status_kb, format_table, peak_rss_bytes
 
-__all__ = ["rows", "COLUMNS", "step_stats"]
+__all__ = ["rows", "COLUMNS", "build_step"]
 
 TARGET_MODULES = ["query", "key", "value", "dense"]
+SIDES = ("rotfunc_compiled", "rotfunc", "rotfunc_funcgrad", "peft", "peft_compiled")  # build order, see time_sides
+LR = 1e-3
 _MINILM: dict = {}
 
 
@@ -64,8 +77,8 @@ def _target(batch_size: int, dim: int = 384) -> torch.Tensor:
     return torch.nn.functional.normalize(t, dim=-1)
 
 
-def _rotfunc_step(method: str, batch_size: int, max_length: int):
-    from torch.func import functional_call, grad
+def _rotfunc_step(method: str, batch_size: int, max_length: int, how: str):
+    from torch.func import functional_call
 
     import rotfunc
     from rotfunc.demo import embed
@@ -73,18 +86,29 @@ def _rotfunc_step(method: str, batch_size: int, max_length: int):
     tok, model = _minilm()
     rcfg, _ = configs(method, TARGET_MODULES)
     rotfunc.attach(model, rcfg)
-    params = rotfunc.adapter_params(model)
     batch, target = _batch(tok, batch_size, max_length), _target(batch_size)
 
-    def loss_fn(p):
+    def loss_fn(p, batch):
         emb = embed(lambda **kw: functional_call(model, p, args=(), kwargs=kw), batch)
         return ((emb - target) ** 2).sum()
 
-    g = grad(loss_fn)
-    return lambda: g(params), rotfunc.num_trainable(model)
+    if how == "funcgrad":
+        g = torch.func.grad_and_value(loss_fn)
+        vg = lambda p, b: g(p, b)[::-1]  # noqa: E731
+    else:
+        vg = rotfunc.value_and_grad(loss_fn, **(dict(compile=True, fullgraph=True) if how == "compiled" else {}))
+    opt = rotfunc.adam(LR)
+    state = {"params": rotfunc.adapter_params(model)}
+    state["opt"] = opt.init(state["params"])
+
+    def step():
+        _, grads = vg(state["params"], batch)
+        state["params"], state["opt"] = opt.update(grads, state["opt"], state["params"])
+
+    return step, rotfunc.num_trainable(model)
 
 
-def _peft_step(method: str, batch_size: int, max_length: int):
+def _peft_step(method: str, batch_size: int, max_length: int, compiled: bool):
     import peft
 
     from rotfunc.demo import embed
@@ -94,34 +118,90 @@ def _peft_step(method: str, batch_size: int, max_length: int):
     with quiet():
         pm = peft.get_peft_model(model, pcfg)
     trainable = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable, lr=LR)
+    run = torch.compile(pm) if compiled else pm
     batch, target = _batch(tok, batch_size, max_length), _target(batch_size)
 
     def step():
         with quiet():
-            loss = ((embed(pm, batch) - target) ** 2).sum()
+            loss = ((embed(run, batch) - target) ** 2).sum()
             loss.backward()
-        for p in trainable:
-            p.grad = None
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     return step, sum(p.numel() for p in trainable)
 
 
-def step_stats(side: str, method: str, *, batch_size: int, max_length: int, repeats: int) -> dict:
-    """Time (timeit dict) and peak RSS of one step of ``side`` ("rotfunc" or "peft"), in this process."""
+def build_step(side: str, method: str, *, batch_size: int, max_length: int):
+    """(step thunk, trainable parameter count) for ``side`` (one of ``SIDES``)."""
+    if side.startswith("rotfunc"):
+        how = {"rotfunc": "eager", "rotfunc_compiled": "compiled", "rotfunc_funcgrad": "funcgrad"}[side]
+        return _rotfunc_step(method, batch_size, max_length, how)
+    return _peft_step(method, batch_size, max_length, compiled=side == "peft_compiled")
+
+
+def _graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+def time_sides(method: str, *, batch_size: int, max_length: int, rounds: int, sides=SIDES) -> dict:
+    """Per side: first-call seconds (the compile for compiled sides), graph breaks, and the step times of
+    ``rounds`` interleaved rounds, all in this process. The first side built (``rotfunc_compiled``) also gets its
+    peak memory measured before any other side exists, which saves compiling it again in a fresh process."""
     torch.set_num_threads(THREADS)
-    make = _rotfunc_step if side == "rotfunc" else _peft_step
-    step, n_params = make(method, batch_size, max_length)
-    step()  # warm-up
+    steps, out = {}, {}
+    for side in sides:
+        try:
+            breaks = _graph_breaks()
+            step, n = build_step(side, method, batch_size=batch_size, max_length=max_length)
+            t0 = time.perf_counter()
+            with quiet():
+                step()
+            first = time.perf_counter() - t0
+            step()  # a second warm-up (a compiled side may recompile once on its second call)
+            steps[side] = step
+            out[side] = {"first_s": first, "graph_breaks": _graph_breaks() - breaks, "trainable_params": n,
+                         "times": []}
+            if not steps.keys() - {side}:  # the first side built: nothing else allocated yet, as a fresh process
+                out[side]["step_peak_bytes"] = peak_rss_bytes(step)  # resets the high-water mark
+                step()
+                out[side]["peak_bytes"] = _status_kb("VmHWM") * 1024
+        except Exception as e:  # a failing side is a result
+            out[side] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"}
+    for _ in range(rounds):
+        for side, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            out[side]["times"].append(time.perf_counter() - t0)
+    for side in steps:
+        ts = out[side].pop("times")
+        out[side]["time"] = {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": len(ts)}
+    return out
+
+
+def peak_memory(side: str, method: str, *, batch_size: int, max_length: int) -> dict:
+    """The process's resident high-water mark over two steps after a warm-up step (fresh process expected)."""
+    torch.set_num_threads(THREADS)
+    step, _ = build_step(side, method, batch_size=batch_size, max_length=max_length)
+    with quiet():
+        step()
+    step()
     step_peak = peak_rss_bytes(step)  # resets the high-water mark, then one step
-    t = timeit(step, repeats=repeats, warmup=0)
-    # the process's resident high-water mark over those steps (model included: the same model on both sides)
-    peak = _status_kb("VmHWM") * 1024
-    return {"time": t, "peak_bytes": peak, "step_peak_bytes": step_peak, "trainable_params": n_params}
+    step()
+    return {"peak_bytes": _status_kb("VmHWM") * 1024, "step_peak_bytes": step_peak}
 
 
-def _in_subprocess(side: str, method: str, *, batch_size: int, max_length: int, repeats: int) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.train", "--worker", side, method, str(batch_size), str(max_length),
-           str(repeats)]
+def _worker(args: list[str]) -> dict:
+    kind, method, bs, ml, n = args[:5]
+    if kind == "time":
+        return time_sides(method, batch_size=int(bs), max_length=int(ml), rounds=int(n))
+    return peak_memory(args[5], method, batch_size=int(bs), max_length=int(ml))
+
+
+def _in_subprocess(*args: str) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.train", "--worker", *args]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -131,42 +211,64 @@ def _in_subprocess(side: str, method: str, *, batch_size: int, max_length: int, 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def train_row(method: str, *, batch_size: int, max_length: int, repeats: int, subprocess_each: bool) -> dict:
-    run = _in_subprocess if subprocess_each else step_stats
-    res = {}
-    errors = {}
-    for side in ("rotfunc", "peft"):
-        try:
-            res[side] = run(side, method, batch_size=batch_size, max_length=max_length, repeats=repeats)
-        except Exception as e:  # a failing side is a result
-            errors[side] = str(e).strip().splitlines()[-1][:200]
-    how = "fresh subprocess per side" if subprocess_each else "in-process"
-    name = f"{LABEL[method]} train step nf4 MiniLM, batch {batch_size}x{max_length} tokens ({how})"
+def train_rows(method: str, *, batch_size: int, max_length: int, rounds: int, subprocess_each: bool) -> list[dict]:
+    """The rows of one method: rotfunc and rotfunc compiled against PEFT's eager step (targets), then the
+    torch.func.grad and PEFT-compiled references."""
+    shape = f"{batch_size}x{max_length}"
+    if subprocess_each:
+        timed = _in_subprocess("time", method, str(batch_size), str(max_length), str(rounds))
+        mem = {}
+        mem["rotfunc_compiled"] = timed.get("rotfunc_compiled", {})
+        for side in ("rotfunc", "peft"):
+            try:
+                mem[side] = _in_subprocess("mem", method, str(batch_size), str(max_length), "0", side)
+            except Exception as e:
+                mem[side] = {"error": str(e).strip().splitlines()[-1][:200]}
+    else:  # --quick: in-process, no compile
+        timed = time_sides(method, batch_size=batch_size, max_length=max_length, rounds=rounds,
+                           sides=("rotfunc", "rotfunc_funcgrad", "peft"))
+        mem = {}
+    peft_t = timed["peft"].get("time")
+    peft_mem = mem.get("peft", {}).get("peak_bytes")
+    base = dict(vs="PEFT", method=method, kind="nf4", section="train", batch=shape,
+                peft_peak_bytes=peft_mem, peft_trainable_params=timed["peft"].get("trainable_params"))
     target = "time <= 0.8x PEFT and peak <= PEFT"
-    extra = dict(vs="PEFT", method=method, kind="nf4", section="train", batch=f"{batch_size}x{max_length}")
-    if "rotfunc" in errors or "peft" in errors:
-        ours = res.get("rotfunc", {}).get("time")
-        return row(name, ours, res.get("peft", {}).get("time"), target=target, met=False,
-                   measured="; ".join(f"{k} fails: {v}" for k, v in errors.items()),
-                   peft_error=errors.get("peft"), rotfunc_error=errors.get("rotfunc"), **extra)
-    t_r, t_p = res["rotfunc"]["time"], res["peft"]["time"]
-    m_r, m_p = res["rotfunc"]["peak_bytes"], res["peft"]["peak_bytes"]
-    time_ratio = t_r["median"] / t_p["median"]
-    mem_ratio = m_r / m_p if m_p else None  # in-process (--quick) the second side may need no new pages
-    mem_text = f"{mem_ratio:.2f}x PEFT" if mem_ratio is not None else f"{m_r / 2**20:.1f} MiB vs {m_p / 2**20:.1f} MiB"
-    return row(name, t_r, t_p, target=target, met=bool(time_ratio <= 0.8 and m_r <= m_p),
-               measured=f"time {time_ratio:.2f}x PEFT, peak {mem_text}",
-               rotfunc_peak_bytes=m_r, peft_peak_bytes=m_p, time_ratio=time_ratio, mem_ratio=mem_ratio,
-               rotfunc_step_peak_bytes=res["rotfunc"].get("step_peak_bytes"),
-               peft_step_peak_bytes=res["peft"].get("step_peak_bytes"),
-               trainable_params=res["rotfunc"]["trainable_params"],
-               peft_trainable_params=res["peft"]["trainable_params"], **extra)
+    out = []
+    labels = {"rotfunc": "rotfunc.value_and_grad (autograd)", "rotfunc_compiled": "value_and_grad(compile=True)",
+              "rotfunc_funcgrad": "torch.func.grad", "peft_compiled": "PEFT + torch.compile"}
+    for side, label in labels.items():
+        if side not in timed:
+            continue
+        res = timed[side]
+        name = f"{LABEL[method]} train step nf4 MiniLM {shape}: {label} vs PEFT eager"
+        targeted = side in ("rotfunc", "rotfunc_compiled")
+        if "error" in res or peft_t is None:
+            err = res.get("error") or timed["peft"].get("error")
+            out.append(row(name, res.get("time"), peft_t, target=target if targeted else "",
+                           met=False if targeted else None, measured=f"fails: {err}", error=err, **base))
+            continue
+        ratio_t = res["time"]["median"] / peft_t["median"]
+        m = mem.get(side, {}).get("peak_bytes")
+        mem_ratio = m / peft_mem if (m and peft_mem) else None
+        notes = []
+        if side.endswith("compiled"):
+            notes.append(f"first call (compile) {res['first_s']:.1f} s, {res['graph_breaks']} graph break(s)")
+        measured = f"time {ratio_t:.2f}x PEFT" + (f", peak {mem_ratio:.2f}x PEFT" if mem_ratio is not None else "")
+        met = None
+        if targeted:
+            met = bool(ratio_t <= 0.8 and mem_ratio is not None and mem_ratio <= 1.0) if subprocess_each else None
+        out.append(row(name, res["time"], peft_t, target=target if targeted and subprocess_each else "", met=met,
+                       measured=measured, time_ratio=ratio_t, mem_ratio=mem_ratio, rotfunc_peak_bytes=m,
+                       rotfunc_step_peak_bytes=mem.get(side, {}).get("step_peak_bytes"),
+                       first_call_s=res["first_s"], graph_breaks=res["graph_breaks"],
+                       trainable_params=res["trainable_params"], notes="; ".join(notes), **base))
+    return out
 
 
 def plan(quick: bool = False) -> list[tuple[str, callable]]:
-    kw = (dict(batch_size=2, max_length=8, repeats=1, subprocess_each=False) if quick
-          else dict(batch_size=16, max_length=32, repeats=5, subprocess_each=True))
-    return [(f"train {m}", lambda m=m: train_row(m, **kw)) for m in METHODS]
+    kw = (dict(batch_size=2, max_length=8, rounds=1, subprocess_each=False) if quick
+          else dict(batch_size=16, max_length=32, rounds=7, subprocess_each=True))
+    return [(f"train {m}", lambda m=m: train_rows(m, **kw)) for m in METHODS]
 
 
 def rows(quick: bool = False) -> list[dict]:
@@ -174,16 +276,14 @@ def rows(quick: bool = False) -> list[dict]:
     from tqdm.auto import tqdm
 
     torch.set_num_threads(THREADS)
-    return [thunk() for _, thunk in tqdm(plan(quick), desc="train", file=sys.stderr)]
+    return [r for _, thunk in tqdm(plan(quick), desc="train", file=sys.stderr) for r in thunk()]
 
 
 COLUMNS = ["name", "vs", "rotfunc_s", "rotfunc_spread", "peft_s", "peft_spread", "ratio", "measured", "target",
-           "met", "rotfunc_peak_bytes", "peft_peak_bytes"]
+           "met", "rotfunc_peak_bytes", "peft_peak_bytes", "notes"]
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        side, method, bs, ml, reps = sys.argv[2:7]
-        stats = step_stats(side, method, batch_size=int(bs), max_length=int(ml), repeats=int(reps))
-        print(json.dumps(stats))
+        print(json.dumps(_worker(sys.argv[2:])))
     else:
         print(format_table(rows(quick="--quick" in sys.argv[1:]), COLUMNS))
