@@ -10,25 +10,23 @@ from __future__ import annotations
 __all__ = ["bounds_text", "BOUNDS"]
 
 _TRAIN = """\
-**Training step on the 4-bit MiniLM (time <= 0.8x PEFT, peak <= PEFT).** Time is bound by the base model's
-matmuls, which both sides run identically. Profile of one step (RoAD, batch 16x32, 1 thread): rotfunc 1.66 s of
-CPU time, of which `aten::mm` + `aten::addmm` are 1.14 s (70 calls); PEFT 1.38 s, of which the same `mm` +
-`addmm` are 0.98 s (67 calls: same shapes, same FLOPs; the gap is noise from other jobs). 0.8x of PEFT's step
-leaves ~0.1 s for everything that is not a base matmul, while the base model's own non-matmul work (attention
-`scaled_dot_product` forward and backward ~0.06-0.09 s, layer norms, GELU, nf4 dequantization) already takes
-more than that on either side: no change to the adapters, the shims or the quantized seam can reach 0.8x. With
-1 thread (fresh processes, 16x32): RoAD 0.56 s vs PEFT 0.49 s, OFT 0.72 vs 0.60, RandLoRA 1.28 vs 1.11 (1.14-1.2x).
-What rotfunc adds: re-dequantizing each nf4 weight in backward instead of keeping it
-(`bitsandbytes::dequantize_4bit` 70 calls, 78 ms vs PEFT's 67 calls, 41 ms), and functorch's per-op wrapping
-plus the adapters' small elementwise ops (`aten::add` 248 calls, `aten::mul` 540, `cos`, `cat`: ~150 ms).
-`torch.compile(grad(loss))` could fuse the latter (at a ~20 s first compile); it cannot touch the matmuls.
-Peak memory: the process high-water mark of the rotfunc side is 10-22 % above PEFT's (about 85-190 MiB on
-~850 MiB, model included). Not profiled to the tensor in this session; the candidates are what the functional
-step keeps alive that PEFT's in-place `loss.backward()` frees early: the input cast `x.to(compute_dtype)` saved
-by rotfunc's quantized linear for backward (PEFT's bnb path saves `x` itself), and the adapters' saved
-intermediates under `torch.func.grad` (RoAD keeps both `y` and the half-swapped copy of `y` per layer). Next
-step: `torch.profiler.profile(profile_memory=True)` of one step on each side, comparing the live saved tensors
-per layer."""
+**Training step on the 4-bit MiniLM (time <= 0.8x PEFT, peak <= PEFT).** The functorch grad transform was the
+cost of the old functional step, not the adapters: `torch.func.grad(functional_call)` wraps every op of the
+whole model (on an Intel Xeon: +30 % time, +67 % peak live tensor memory over plain autograd on the same
+model). `rotfunc.value_and_grad` keeps the functional interface and runs plain autograd underneath when no
+`torch.func` transform is active (`rotfunc/train.py`): on the AMD EPYC (1 thread, load 3-6) that took the step
+from 1.02-1.15x PEFT (`torch.func.grad`, same run) to 0.89-1.03x, and its peak resident memory to 0.94-1.00x
+PEFT's (memory target met). Eagerly both sides then run the same base-model matmuls, attention, layer norms and
+nf4 dequantizations (the matmuls alone are ~70 % of either step): 0.8x is out of reach of any eager step.
+Compiling reaches it where inductor can fuse enough: `value_and_grad(loss, compile=True, fullgraph=True)` (no
+graph break: forward by inductor, backward by AOTAutograd) ran at 0.68x PEFT for RoAD, 0.85x for OFT and 0.81x
+for RandLoRA, after a first call of 90-340 s here (the machine was loaded; PEFT_NOTES.md: 21-68 s on a quiet
+Xeon). OFT's per-layer Cayley-Neumann series (4 batched 64x64 products and their adds per layer, twice with
+backward) is what stays unfused. The compiled process's resident peak is 1.12-1.25x PEFT's eager one: the step
+itself adds no resident memory over the warm-up (`rotfunc_step_peak_bytes` 0-11 MB), the excess is the compiler
+and its generated code resident in the process. PEFT + `torch.compile` (the second baseline) compiled with no graph
+break in dynamo's counter (`torch._dynamo.utils.counters["graph_break"]`, torch 2.13; not inspected further)
+and ran at 0.88-0.93x of PEFT eager, after 99-263 s of compiling."""
 
 _MIXED = """\
 **Mixed-adapter batch (8 adapters >= 0.9x the throughput of 1).** Profile (RoAD, nf4 MiniLM, 32x32 tokens, 1
@@ -67,7 +65,22 @@ full rank by design, `scaling * dW = L @ R` with L (4096, 4096) and R (4096, 409
 same GEMM PEFT runs) against an O(n^2) requantization (~0.5-1.5 s); `rotfunc.randlora` already does it as one
 fused `torch.addmm` into W. RoAD (O(n^2) row-pair mixing) and OFT (64 blocks of 64: O(n^2 b)) sit near the
 limit; their extra is the full-size temporaries of the merge (~50 ms of page faults per fresh 64 MB tensor
-here) and the error report."""
+here) and the error report.
+
+**Float merge + unmerge vs two in-place copies of W (<= 2x).** Through the shims a float merge copies W into a
+backup, writes `R W` (RoAD: one `mul(out=)` and one `addcmul_` over the backup's row pairs) or `W R^T` (OFT:
+64 GEMMs of (4096, 64) x (64, 64) into column blocks of W) into W's own storage, and unmerge copies the backup
+back: RoAD makes ~5 passes over 64 MB where the floor makes 4, OFT adds a 2.1 GFLOP product (O(n^2 b)), which
+with one thread on a loaded core is several copies' worth. The backup itself is a fresh weight-sized allocation
+per merge (page faults) unless `unmerge(model, keep_buffers=True)` keeps it for the next merge. Torch's
+`THP_MEM_ALLOC_ENABLE=1` (huge pages for large tensors) helps at 64 MB and hurts at 16 MB: measured here
+(/proc/vmstat around 5 repeats), a 2048^2 `clone()` took 15 ms without it (glibc's dynamic mmap threshold
+serves 16 MB from the already-faulted heap: ~200 page faults per call) and 33 ms with it (torch's 2 MB-aligned
+allocation is returned to the kernel on free and re-faulted: 7 huge-page faults, each zeroing 2 MB, per call);
+at 4096^2 (64 MB, above glibc's 32 MB threshold, so always a fresh mmap) it took 286 ms without it (22k 4 KB
+faults) and 137 ms with it (31 huge-page faults). On a machine whose THP defrag setting makes huge-page faults
+compact memory synchronously, the 16 MB case gets worse still: the 5x slower 2048^2 OFT merge+unmerge seen on
+the Xeon. Reusing the backup (`keep_buffers=True`) avoids the question."""
 
 _MERGE = """\
 **Merge + unmerge vs PEFT (RoAD >= 100x, OFT >= 30x at 4096^2 fp32).** rotfunc's merges are O(out x in)
@@ -82,8 +95,9 @@ threads under load, `torch.linalg.qr` of 64 blocks of 64x64 took 0.05-4 s (and 0
 3-7 ms with 1 thread: the batched LAPACK loop is barrier-bound. Fixes for the lead: (1) rotfunc/linalg.py,
 `block_inverse`: for blocks < 256 use `torch.linalg.inv` on the batch (10-70 ms for 64 blocks of 64x64 here
 with 2 threads under the same load, 5-9 ms with 1; keep QR for >= 256, where MKL's batched LU failed), or run
-the QR under 1 thread; (2) for float layers, an `out=`
-(in-place) merge path in `quant.merge_into` would save one fresh 64 MB tensor per call."""
+the QR under 1 thread. Float merges through the shims now write into the weight's own storage (one
+backup copy, the merge computed with `out=`, unmerge copies the backup back): no fresh 64 MB result per call,
+see the copy-floor rows."""
 
 BOUNDS: dict[tuple[str, str | None], str] = {
     ("train", None): _TRAIN,
