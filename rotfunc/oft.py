@@ -686,17 +686,26 @@ class OFTConfig:
         rank = in_features // b
         q0 = present[0].q
         check_float("x", x)
-        blocks = []
         eye = torch.eye(b, dtype=q0.dtype, device=q0.device).expand(rank, b, b)
-        for p in params_list:
-            if p is None:
-                blocks.append(eye)
-                continue
+        qs = []
+        for p in present:
             p = p if isinstance(p, OFTParams) else OFTParams(*p)
             check_float("params.q", p.q)
             check_same_device(("params.q", p.q), ("x", x))
             _check_q(p.q, in_features, b, self.block_share)
-            R = oft_blocks(p, **statics).expand(rank, b, b)
+            qs.append(p.q)
+        if self.coft:  # the projection radius depends on each group's own rows: one group at a time
+            built = [oft_blocks(OFTParams(q), **statics) for q in qs]
+        else:  # every group's blocks in one batched Cayley(-Neumann) evaluation
+            built = list(oft_blocks(OFTParams(torch.stack(qs).flatten(0, 1)), **{**statics, "block_share": False})
+                         .unflatten(0, (len(qs), -1)))
+        it = iter(built)
+        blocks = []
+        for p in params_list:
+            if p is None:
+                blocks.append(eye)
+                continue
+            R = next(it).expand(rank, b, b)
             if training and self.module_dropout > 0:
                 u = torch.rand(rank, generator=generator, device=x.device)
                 R = torch.where((u < self.module_dropout)[:, None, None], eye, R)
