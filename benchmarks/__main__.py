@@ -1,7 +1,7 @@
 """``python -m benchmarks``: the whole performance report, rotfunc against PEFT, in one command.
 
 Runs every benchmark row (merge + unmerge, merge into nf4 vs the floor, forward overhead, training step on the
-4-bit MiniLM, mixed-adapter batches, the quantized seam, RandLoRA's forward memory) with a progress bar and
+4-bit MiniLM, mixed-adapter batches, vmapped ensembles, the quantized seam, RandLoRA's forward memory) with a progress bar and
 writes ``RESULTS.md``, ``results.json`` and ``results.png`` into ``--out`` (default: this directory).
 
     python -m benchmarks                      # the full run (about 10-20 minutes on 2 cores)
@@ -53,6 +53,10 @@ def _plan(sections: list[str], quick: bool) -> list[tuple[str, callable]]:
         plan += train.plan(quick)
     if "mixed" in sections:
         plan += mixed.plan(quick)
+    if "ensemble" in sections:
+        from benchmarks import ensemble
+
+        plan += ensemble.plan(quick)
     if "quant" in sections:
         from benchmarks import quant
 

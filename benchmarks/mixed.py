@@ -37,7 +37,7 @@ __all__ = ["rows", "COLUMNS", "plan"]
 
 N_ADAPTERS = 8
 TARGET_MODULES = ["query", "key", "value", "dense"]
-KINDS = ("float", "int8", "nf4")
+KINDS = ("nf4", "int8", "float")
 _MODELS: dict = {}
 
 

@@ -1,0 +1,122 @@
+"""Ensembles: K = 8 adapters trained at once on one frozen MiniLM (vmapped) against a loop of 8 steps.
+
+For each adapter type and base kind, one adapter config (``target_modules=["query", "key", "value",
+"dense"]``) is attached to all-MiniLM-L6-v2 loaded with ``attn_implementation="eager"`` (its attention ops have
+batching rules; CPU SDPA's backward has none and would fall back to a per-member loop, with a warning). K = 8
+members start from 8 seeds and train with 8 learning rates on the same batch of 8 stdlib sentences x 32 tokens
+(``--quick``: K = 2, 2 x 8):
+
+* ``vmapped``: one :func:`rotfunc.ensemble_step` call (grad + Adam, vmapped over the stacked params and state);
+* ``loop``: 8 x (:func:`rotfunc.value_and_grad`, plain autograd underneath, + :func:`rotfunc.adam` update),
+  the honest alternative: the fastest single-adapter step rotfunc has.
+
+``ratio = time(loop) / time(vmapped)`` (target >= 2x). Peak memory (process RSS high-water mark above the
+resident size before the call) of one vmapped step is reported against one single-adapter step: K members cost
+one base plus K adapters' params, grads, Adam state and activations. The two variants alternate in one
+process; medians; the load average is recorded per row.
+
+Run: ``python -m benchmarks.ensemble`` (``--quick`` for a small run).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from benchmarks._common import LABEL, METHODS, THREADS, quiet, row
+from benchmarks._harness import format_table, peak_rss_bytes
+from benchmarks.mixed import _config, _load, _model, _stats
+
+__all__ = ["rows", "COLUMNS", "plan"]
+
+KINDS = ("nf4", "int8", "float")
+
+
+def ensemble_row(method: str, kind: str, *, k: int, batch_size: int, max_length: int, repeats: int) -> dict:
+    import rotfunc
+    from benchmarks.train import _batch
+    from rotfunc.demo import embed
+
+    tok, model = _model(kind)
+    model.set_attn_implementation("eager")
+    rotfunc.attach(model, _config(method), generator=torch.Generator().manual_seed(0))
+    members = [rotfunc.init_params(model, generator=torch.Generator().manual_seed(s)) for s in range(k)]
+    if method == "oft":  # PEFT's N(0, 0.1^2) init is far from a trained OFT; scale it like benchmarks.oft does
+        members = [{n: v * 0.1 for n, v in m.items()} for m in members]
+    lrs = torch.logspace(-4, -2, k)
+    batch = _batch(tok, batch_size, max_length)
+    with torch.no_grad(), rotfunc.disabled(model):
+        target = embed(model, batch).roll(1, 0)  # a fixed target: another sentence's base embedding
+
+    def loss_fn(p, batch):
+        out = embed(lambda **kw: torch.func.functional_call(model, p, args=(), kwargs=kw), batch)
+        return (1.0 - (out * target).sum(-1)).mean()
+
+    step = rotfunc.ensemble_step(loss_fn)
+    vg = rotfunc.value_and_grad(loss_fn)
+    opts = [rotfunc.adam(float(lr)) for lr in lrs]
+    box = {"stacked": rotfunc.stack_params(members)}
+    box["state"] = rotfunc.ensemble_init(box["stacked"])
+    loop_params = list(members)
+    loop_states = [o.init(p) for o, p in zip(opts, members)]
+
+    def vmapped():
+        box["stacked"], box["state"], _ = step(box["stacked"], box["state"], lrs, batch)
+
+    def loop():
+        for i, opt in enumerate(opts):
+            _, g = vg(loop_params[i], batch)
+            loop_params[i], loop_states[i] = opt.update(g, loop_states[i], loop_params[i])
+
+    def single():
+        _, g = vg(loop_params[0], batch)
+        opts[0].update(g, loop_states[0], loop_params[0])
+
+    samples: dict[str, list[float]] = {"vmapped": [], "loop": []}
+    loads = [_load()]
+    with quiet():
+        vmapped(), loop()
+        for _ in range(repeats):
+            for key, fn in (("vmapped", vmapped), ("loop", loop)):
+                t0 = time.perf_counter()
+                fn()
+                samples[key].append(time.perf_counter() - t0)
+        mem_k = peak_rss_bytes(vmapped)
+        mem_1 = peak_rss_bytes(single)
+    loads.append(_load())
+    tv, tl = _stats(samples["vmapped"]), _stats(samples["loop"])
+    ratio = tl["median"] / tv["median"]
+    base_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
+    adapter_bytes = sum(v.numel() * v.element_size() for v in members[0].values())
+    return row(
+        f"{LABEL[method]} ensemble {kind} MiniLM: K={k} vmapped train steps vs a loop, {batch_size}x{max_length} tokens",
+        tv, tl, ratio=ratio, target=">= 2x throughput", met=ratio >= 2.0, measured=f"{ratio:.2f}x throughput",
+        vs=f"loop of {k}", method=method, kind=kind, section="ensemble", k=k,
+        peak_mib_k=mem_k / 2**20, peak_mib_1=mem_1 / 2**20,
+        memory=f"{mem_k / 2**20:.0f} MiB for K={k} vs {mem_1 / 2**20:.0f} MiB for 1 (base {base_bytes / 2**20:.0f} MiB, "
+               f"one adapter's params {adapter_bytes / 2**20:.2f} MiB)",
+        load_average=f"{loads[0]:.1f}-{loads[1]:.1f}",
+    )
+
+
+def plan(quick: bool = False) -> list[tuple[str, callable]]:
+    kw = dict(k=2, batch_size=2, max_length=8, repeats=1) if quick else dict(k=8, batch_size=8, max_length=32, repeats=5)
+    kinds = ("nf4",) if quick else KINDS
+    return [(f"ensemble {m} {kd}", lambda m=m, kd=kd: ensemble_row(m, kd, **kw)) for kd in kinds for m in METHODS]
+
+
+def rows(quick: bool = False) -> list[dict]:
+    """Benchmark rows (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    torch.set_num_threads(THREADS)
+    return [thunk() for _, thunk in tqdm(plan(quick), desc="ensemble", file=sys.stderr)]
+
+
+COLUMNS = ["name", "vs", "rotfunc_s", "rotfunc_spread", "peft_s", "ratio", "measured", "target", "met", "memory",
+           "load_average"]
+
+if __name__ == "__main__":
+    print(format_table(rows(quick="--quick" in sys.argv[1:]), COLUMNS))
