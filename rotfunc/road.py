@@ -206,9 +206,15 @@ def _mix_rows(p: Tensor, q: Tensor, w: Tensor, /, *, group_size: int, out: Tenso
     w4 = w.unflatten(-2, (-1, 2, group_size // 2))
     top, bottom = w4[..., 0:1, :, :], w4[..., 1:2, :, :]
     if out is not None:
+        # a few groups at a time, so that addcmul_ finds the rows mul has just written still in cache: one pass
+        # over memory instead of two (chunks of ~1 MiB of rows)
         o4 = out.unflatten(-2, (-1, 2, group_size // 2))
-        torch.mul(c0, top, out=o4)
-        o4.addcmul_(c1, bottom)
+        step = max(1, (1 << 20) // max(1, group_size * w.shape[-1] * w.element_size()))
+        for g0 in range(0, o4.shape[0], step):
+            g = slice(g0, g0 + step)
+            o = o4[g]
+            torch.mul(c0[g], top[g], out=o)
+            o.addcmul_(c1[g], bottom[g])
         return out
     if _plain_eager(c0, c1, w):
         out = (c0 * top).addcmul_(c1, bottom)
