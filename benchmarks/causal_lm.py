@@ -130,7 +130,7 @@ def step_stats(side: str, method: str, *, batch: int, block: int, repeats: int, 
 
     torch.set_num_threads(THREADS)
     with tempfile.TemporaryDirectory() as tmp:
-        if side == "rotfunc":
+        if side in ("rotfunc", "rotfunc_autograd"):
             import rotfunc
 
             tok, model = _rotfunc_model(method, n_layers)
@@ -141,10 +141,18 @@ def step_stats(side: str, method: str, *, batch: int, block: int, repeats: int, 
                 out = torch.func.functional_call(model, p, args=(), kwargs={"input_ids": ids, "use_cache": False})
                 return causal_lm_loss(out.logits, ids)
 
+            # "rotfunc_autograd": rotfunc.value_and_grad (plain autograd underneath) + rotfunc.adam, as a training
+            # loop would run it; "rotfunc": torch.func.grad alone
+            vg, opt = rotfunc.value_and_grad(loss_fn), rotfunc.adam(1e-3)
             g = torch.func.grad(loss_fn)
+            state = {"params": params, "opt": opt.init(params)}
 
             def step():
-                g(params)
+                if side == "rotfunc":
+                    g(params)
+                    return
+                _, grads = vg(state["params"])
+                state["params"], state["opt"] = opt.update(grads, state["opt"], state["params"])
 
             n_params = rotfunc.num_trainable(model)
         else:
@@ -314,10 +322,29 @@ def generation_row(method: str, *, quick: bool) -> dict:
 # ------------------------------------------------------------------------------------------------------- plan
 
 
+def autograd_train_row(method: str, *, quick: bool) -> dict:
+    """rotfunc.value_and_grad + rotfunc.adam (``step_stats`` side "rotfunc_autograd") against PEFT's
+    ``loss.backward()`` (without an optimizer step: PEFT's side as in :func:`train_row`), fresh subprocess each."""
+    kw = dict(batch=2, block=8, repeats=1, n_layers=2) if quick else dict(batch=BATCH, block=BLOCK, repeats=3, n_layers=None)
+    run = (lambda side: step_stats(side, method, **kw)) if quick else (lambda side: _in_subprocess(side, method, **kw))
+    name = f"{LABEL[method]} train step nf4 SmolLM2-135M, batch {kw['batch']}x{kw['block']}: rotfunc.value_and_grad + adam"
+    extra = dict(vs="PEFT", method=method, kind="nf4", section="causal_lm", batch=f"{kw['batch']}x{kw['block']}")
+    target = "time <= 0.8x PEFT and peak <= PEFT"
+    try:
+        r, p = run("rotfunc_autograd"), run("peft")
+    except Exception as e:  # a failing side is a result
+        return row(name, None, None, target=target, met=False, measured=f"fails: {error_text(e)}", **extra)
+    time_ratio, mem_ratio = r["time"]["median"] / p["time"]["median"], r["peak_bytes"] / p["peak_bytes"]
+    return row(name, r["time"], p["time"], target=target, met=bool(time_ratio <= 0.8 and mem_ratio <= 1.0),
+               measured=f"time {time_ratio:.2f}x PEFT, peak {mem_ratio:.2f}x PEFT", rotfunc_peak_bytes=r["peak_bytes"],
+               peft_peak_bytes=p["peak_bytes"], time_ratio=time_ratio, mem_ratio=mem_ratio, **extra)
+
+
 def plan(quick: bool = False) -> list[tuple[str, callable]]:
     out = []
     for m in METHODS:
         out.append((f"causal_lm train {m}", lambda m=m: train_row(m, quick=quick)))
+        out.append((f"causal_lm train autograd {m}", lambda m=m: autograd_train_row(m, quick=quick)))
         out.append((f"causal_lm merge {m}", lambda m=m: merge_row(m, quick=quick)))
         out.append((f"causal_lm generate {m}", lambda m=m: generation_row(m, quick=quick)))
     return out
