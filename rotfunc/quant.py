@@ -753,7 +753,9 @@ def merge_into(
     Quantized layers: dequantize -> ``merge_fn(W, b)`` -> :func:`requantize` -> :func:`assign_quantized`.
     The layer's original packed weight, quant state and bias are kept in the returned record (one
     quantized copy) so :func:`restore` undoes the merge bitwise. Float ``nn.Linear``: ``weight.data`` and
-    ``bias.data`` are replaced by the merged tensors (cast to the layer's dtypes); nothing is kept.
+    ``bias.data`` are replaced by the merged tensors (cast to the layer's dtypes) and the record keeps the
+    original tensors; with ``in_place`` the merged weight is written into the weight's own storage instead and
+    the record keeps a copy (see below).
 
     Atomic: when ``merge_fn``, requantization or the assignment raises, or ``safe_merge`` finds a
     non-finite value in the merged or requantized weight or bias, the layer is exactly as before
