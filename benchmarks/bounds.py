@@ -29,20 +29,36 @@ break in dynamo's counter (`torch._dynamo.utils.counters["graph_break"]`, torch 
 and ran at 0.88-0.93x of PEFT eager, after 99-263 s of compiling."""
 
 _MIXED = """\
-**Mixed-adapter batch (8 adapters >= 0.9x the throughput of 1).** Profile (RoAD, nf4 MiniLM, 32x32 tokens, 1
-thread): the 8-adapter forward spends 0.26 s in `aten::copy_` (593 calls) under `aten::index_copy` (296 calls):
-`AdaptedLinear._forward_mixed` (rotfunc/bind.py) scatters each group's output with an out-of-place
-`out = out.index_copy(0, idx, ys)`, which copies the whole (batch, seq, out) output once per adapter per layer
-(8 x 37 full copies). The matmuls are not the cost: `aten::addmm` is 0.75-0.76 s in both runs (296 group-sized
-calls vs 37 full ones). Fixed since: `_forward_mixed` now groups the batch once per forward (not per layer),
-shares one full-batch base matmul among the groups whose adapter calls the base on its own input (RoAD,
-RandLoRA, `__base__`), and gathers the group outputs back with one `torch.cat(...).index_select(0, inverse)`
-per layer (from 0.69x / 0.63x / 0.63x before these fixes to this run's numbers). What bounds the rest: the per-group fixed costs of each adapter call (8x the RoAD coefficient
-construction: `cos`/`sin`/`stack`/`cat` 296-888 calls per forward; 8 Cayley-Neumann evaluations per OFT layer
-instead of 1) and the gather/scatter of activations (`index_select` of each group's input and the final gather:
-two activation copies per layer, large relative to MiniLM's cheap 384-wide matmuls). Reaching 0.9x needs the
-adapters evaluated for all groups at once (params stacked over adapters and a `vmap`, or a segment-wise
-kernel) rather than one call per group."""
+**Mixed-adapter batch (8 adapters >= 0.9x the throughput of 1, inference and training).** Layers whose adapters
+share one config now run the whole mixed batch in one pass (`Adapter.apply_mixed`, called by
+`AdaptedLinear._forward_mixed`; the `per_group_ratio` column is the old per-group path in the same run). RoAD
+gathers each row's (p, q) coefficients from the 8 adapters' stacked ones and applies one elementwise op to one
+full-batch base output: the 8-adapter batch costs what 1 adapter does (0.90-0.99x inference, 0.93-1.01x training over
+float / int8 / nf4, from 0.75-0.83x / 0.77-0.78x per-group). RandLoRA shares the base matmul and the product with the shared random basis;
+only the product with each adapter's scaled basis runs per group on its rows, which needs the rows sorted by
+adapter and put back (two activation-sized gathers per layer) -- enough in inference on the quantized bases (nf4 0.96x, int8 1.02x; float
+0.87x), not in training (0.81-0.85x: the gathers' backward scatters and 8 small matmuls per layer instead of one, on MiniLM's cheap
+384-wide layers). OFT builds all 8 adapters' rotation blocks in one batched Cayley-Neumann call, gathers them
+per row and rotates the batch with one batched matmul before one base matmul (0.82-0.87x inference,
+0.67-0.84x training over float / int8 / nf4). What bounds OFT: with 32-token rows and 32x32 blocks the per-row gathered blocks (rows x in/32 x 32 x
+32) are as large as the activations they rotate, the 8 adapters' Cayley-Neumann series cost about as much as
+rotating the 32x32-token batch (8 b / (rows x tokens) ~ 1 of the rotation's FLOPs), and in training both come
+back as an activation-sized scatter-add and 8 series' backward (a layer-level profile of the 384->1536 layer,
+1 thread: 124 ms vs 99 ms for 1 adapter, `aten::mm` 76 %, the per-row `bmm` 10 %). Next step: a grouped layout
+(rows sorted by adapter, one `bmm` over adapters x blocks) in training, where the per-row gather's backward is
+the cost, and longer sequences amortize the per-adapter block construction."""
+
+_ENSEMBLE = """\
+**Ensembles (K = 8 vmapped training steps >= 2x a loop of 8).** The attention path vmaps without a per-slice
+fallback (`attn_implementation="eager"`: no "batching rule" warning, tested). What bounds the ratio is
+arithmetic: a vmapped step runs the same K forward and backward passes of the base model as the loop -- the base
+matmuls see K times the rows, so their FLOPs are K times one step's -- and saves only per-op overhead, K-1 of
+the K dequantizations of each nf4/int8 weight, and K-1 optimizer launches. The loop's step is also the faster
+engine (`rotfunc.value_and_grad`, plain autograd), while a vmapped step must run through functorch's grad
+transform (measured at +30 % time over autograd on one adapter, PEFT_NOTES.md). So on a training-sized batch
+(8 x 32 tokens) the vmapped step is FLOP-bound at about the loop's throughput, and the gain appears where
+overhead dominates (the 1 x 16-token rows). A shared-data ensemble could share more only up to the first
+adapted layer (after it the members' activations differ)."""
 
 _FORWARD = """\
 **Forward overhead over the bare layer.** The adapter's own work is tiny next to a 4096x4096 matmul on 64
@@ -102,6 +118,7 @@ see the copy-floor rows."""
 BOUNDS: dict[tuple[str, str | None], str] = {
     ("train", None): _TRAIN,
     ("mixed", None): _MIXED,
+    ("ensemble", None): _ENSEMBLE,
     ("forward", None): _FORWARD,
     ("floor", None): _FLOOR,
     ("merge", None): _MERGE,
