@@ -56,9 +56,14 @@ matmuls see K times the rows, so their FLOPs are K times one step's -- and saves
 the K dequantizations of each nf4/int8 weight, and K-1 optimizer launches. The loop's step is also the faster
 engine (`rotfunc.value_and_grad`, plain autograd), while a vmapped step must run through functorch's grad
 transform (measured at +30 % time over autograd on one adapter, PEFT_NOTES.md). So on a training-sized batch
-(8 x 32 tokens) the vmapped step is FLOP-bound at about the loop's throughput, and the gain appears where
-overhead dominates (the 1 x 16-token rows). A shared-data ensemble could share more only up to the first
-adapted layer (after it the members' activations differ)."""
+(8 x 32 tokens, nf4, AMD EPYC, 1 thread) the vmapped step is FLOP-bound: 1.16x (RoAD), 1.26x (OFT), 1.02x
+(RandLoRA) the loop's throughput; where overhead dominates (1 x 16 tokens) it is 2.43x, 1.87x, 1.66x. A
+shared-data ensemble could share more only up to the first adapted layer (after it the members' activations
+differ). Memory: the base is held once (51-53 MiB nf4), but activations dominate: a K = 8 vmapped step peaked at
+11-13.5x one adapter's autograd step (8x32: 1.2-1.5 GiB vs 93-123 MiB; 1x16: 108-748 MiB vs 28-68 MiB), i.e. K
+times one step's activations times functorch's grad overhead over autograd (PEFT_NOTES.md: ~1.67x live
+tensors). To train K members in less memory, vmap over chunks of members or use the mixed-batch recipe (plain
+autograd, each adapter on its own rows)."""
 
 _FORWARD = """\
 **Forward overhead over the bare layer.** The adapter's own work is tiny next to a 4096x4096 matmul on 64
