@@ -119,3 +119,26 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
     assert moved > 0
     rep = json.loads((tmp_path / "two" / "report.json").read_text())
     assert rep["world_size"] == 2
+
+
+def test_help_and_argument_errors_import_no_torch():
+    code = (
+        "import sys\n"
+        "from rotfunc.__main__ import main\n"
+        "for argv in (['demo', '--help'], ['demo', '--steps', '0'], ['demo', '--frobnicate']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported before the arguments were checked'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "usage: rotfunc demo" in r.stdout and "--steps must be at least 1" in r.stderr
+
+
+def test_lazy_package_exports_everything_in_all():
+    import rotfunc
+
+    assert all(getattr(rotfunc, name) is not None for name in rotfunc.__all__)
+    from rotfunc import attach, quant  # noqa: F401
