@@ -29,7 +29,6 @@ import fcntl
 import hashlib
 import importlib
 import importlib.metadata
-import inspect
 import json
 import math
 import os
@@ -47,7 +46,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .demo import DemoError, _adam
+from .demo import DemoError, _adam, module_docstrings
 
 __all__ = [
     "PACKAGE",
@@ -262,22 +261,9 @@ def docstring_texts() -> dict[str, str]:
     seen: set[str] = set()
     out: dict[str, str] = {}
     for mod_name in _DOC_MODULES:
-        with warnings.catch_warnings():  # reading deprecated aliases (typing.io, ...) warns
-            warnings.simplefilter("ignore")
-            try:
-                mod = importlib.import_module(mod_name)
-            except ImportError:
-                continue
-            docs = [inspect.getdoc(mod) or ""]
-            for name in sorted(vars(mod)):
-                obj = getattr(mod, name)
-                if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
-                    continue
-                if inspect.isclass(obj) or inspect.isfunction(obj):
-                    docs.append(inspect.getdoc(obj) or "")
-                if inspect.isclass(obj):
-                    docs += [inspect.getdoc(m) or "" for n, m in sorted(vars(obj).items())
-                             if not n.startswith("_") and inspect.isfunction(m)]
+        docs = module_docstrings(mod_name, defined_here=True, methods=True)
+        if docs is None:
+            continue
         kept = []
         for d in docs:
             d = d.strip()

@@ -60,22 +60,34 @@ def stdlib_sentences() -> list[str]:
     return list(_stdlib_sentences())
 
 
+def module_docstrings(mod_name: str, /, *, defined_here: bool = False, methods: bool = False) -> list[str] | None:
+    """The docstrings of standard-library module ``mod_name`` and of its public classes and functions, in a fixed
+    order (None if it does not import). ``defined_here``: only members the module defines (no re-exports);
+    ``methods``: also the public methods of those classes."""
+    with warnings.catch_warnings():  # reading deprecated aliases (typing.io, ...) warns
+        warnings.simplefilter("ignore")
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:
+            return None
+        docs = [inspect.getdoc(mod) or ""]
+        for name in sorted(vars(mod)):
+            obj = getattr(mod, name)
+            if name.startswith("_") or (defined_here and getattr(obj, "__module__", None) != mod.__name__):
+                continue
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                docs.append(inspect.getdoc(obj) or "")
+            if methods and inspect.isclass(obj):
+                docs += [inspect.getdoc(m) or "" for n, m in sorted(vars(obj).items())
+                         if not n.startswith("_") and inspect.isfunction(m)]
+    return docs
+
+
 @functools.lru_cache(maxsize=1)
 def _stdlib_sentences() -> tuple[str, ...]:
     seen: dict[str, None] = {}
     for mod_name in _DOC_MODULES:
-        with warnings.catch_warnings():  # reading deprecated aliases (typing.io, ...) warns
-            warnings.simplefilter("ignore")
-            try:
-                mod = importlib.import_module(mod_name)
-            except ImportError:
-                continue
-            docs = [inspect.getdoc(mod) or ""]
-            for name in sorted(vars(mod)):
-                obj = getattr(mod, name)
-                if not name.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj)):
-                    docs.append(inspect.getdoc(obj) or "")
-        for doc in docs:
+        for doc in module_docstrings(mod_name) or []:
             for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", re.sub(r"\s+", " ", doc)):
                 s = s.strip()
                 if 40 <= len(s) <= 200 and s[0].isupper() and s.endswith(".") and ">>>" not in s:
