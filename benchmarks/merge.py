@@ -14,10 +14,11 @@ bitsandbytes nf4 ``Linear4bit`` (fp32 compute, with bias):
   requantize`` of the same layer (the floor any merge into nf4 pays); target <= 1.3x the floor.
 * an exact-Cayley OFT row at 4096 from ``benchmarks.oft`` (the default rows use PEFT's Cayley-Neumann).
 * ``merge+unmerge fp32 vs copy floor`` (RoAD and OFT, n = 4096): ``rotfunc.merge`` + ``rotfunc.unmerge`` on the
-  float layer (in place: the weight copied once into a backup, the merge written into the weight's own storage,
-  unmerge copies the backup back) against the floor of two in-place copies of W (``buf.copy_(W);
-  W.copy_(buf)`` into an existing buffer); target <= 2x the floor. Alongside (not judged): the same cycle with
-  ``unmerge(keep_buffers=True)``, which reuses the backup buffer instead of allocating a fresh one per merge.
+  float layer (in place, one pass: each piece of W's rows is copied into a backup and merged from there into the
+  weight's own storage; unmerge copies the backup back) against the floor of two in-place copies of W
+  (``buf.copy_(W); W.copy_(buf)`` into an existing buffer); target <= 2x the floor. Alongside (not judged): the
+  same cycle with ``unmerge(keep_buffers=True)``, which reuses the backup buffer instead of allocating a fresh
+  one per merge.
 
 Targets (fp32, 4096^2): RoAD >= 100x PEFT, OFT >= 30x. PEFT's 4096 merges take seconds: they get 2 timed
 repeats (and 3 at 1024) against rotfunc's 5 (7 at 1024); the peak-memory column is measured on the warm-up

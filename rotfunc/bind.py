@@ -879,21 +879,36 @@ def num_trainable(model: nn.Module, /, adapter_name: str | None = None) -> int:
 
 
 def _merge_fn(w: AdaptedLinear, name: str) -> Callable:
-    """``(weight, bias, out=None) -> (weight', bias')``: adapter ``name``'s pure merge on layer ``w``, in float32
-    at least (the result is cast back to the layer's dtypes); an adapter-owned bias replaces the layer's. With
-    ``out`` (an in-place float merge) an adapter whose ``merge`` takes ``out=`` (RoAD, OFT) writes ``W'`` there
-    when the weight is already in the merge dtype; others return a new tensor, which the caller copies in."""
+    """``(weight, bias, out=None, backup=None) -> (weight', bias')``: adapter ``name``'s pure merge on layer ``w``,
+    in float32 at least (the result is cast back to the layer's dtypes); an adapter-owned bias replaces the
+    layer's. With ``out`` (an in-place float merge) an adapter whose ``merge`` takes ``out=`` (RoAD, OFT) writes
+    ``W'`` there when the weight is already in the merge dtype; others return a new tensor, which the caller
+    copies in. With ``backup`` (``out`` is ``weight``, see :func:`quant.merge_into`) the original weight ends up
+    in ``backup``: saved piece by piece by an adapter whose ``merge`` takes ``backup=``, else copied first, and
+    the weight is left as it was if the merge raises."""
     import inspect
 
     slot, cfg = w.slots[name], w._hub.configs[name]
     own_bias = slot.own_bias()
-    takes_out = "out" in inspect.signature(cfg.merge).parameters
+    sig = inspect.signature(cfg.merge).parameters
+    takes_out, takes_backup = "out" in sig, "backup" in sig
 
-    def fn(weight: Tensor, bias: Tensor | None, out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def fn(
+        weight: Tensor, bias: Tensor | None, out: Tensor | None = None, backup: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         dtype = torch.promote_types(weight.dtype, torch.float32)
+        if backup is not None and not (takes_backup and weight.dtype == dtype):
+            backup.copy_(weight)  # no merge in place here: merge from the copy
+            try:
+                return fn(backup, bias, out=out)
+            except BaseException:
+                weight.copy_(backup)
+                raise
         params = slot.params_type(*(t.detach().to(dtype) for t in slot.params()))
         b = own_bias.detach() if own_bias is not None else bias
         kw = {"out": out} if out is not None and takes_out and weight.dtype == dtype else {}
+        if backup is not None:
+            kw["backup"] = backup
         return cfg.merge(params, weight.to(dtype), None if b is None else b.to(dtype), shared=slot.shared(), **kw)
 
     return fn

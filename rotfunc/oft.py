@@ -182,23 +182,59 @@ def _rotations(
     return cayley(Q)
 
 
+# bytes of weight rows one step of a merge into ``out`` reads: the rows (and their backup, and the product)
+# stay in a core's 1 MiB L2 while they are multiplied
+_CHUNK_BYTES = 1 << 19
+
+
+def _block_matmul_rows(
+    weight: Tensor, blocks: Tensor, block_size: int, out: Tensor, backup: Tensor | None = None
+) -> Tensor:
+    """:func:`_block_matmul` into a contiguous ``out``, ``_CHUNK_BYTES`` of rows at a time (eager).
+
+    Each piece of m rows is one batched product ``(r, m, b) @ (r, b, b)`` over a strided view of the rows, into
+    a piece-sized scratch that is then copied into ``out``'s rows (a shared block: one (m*r, b) @ (b, b) product
+    straight into ``out``). With ``backup`` (``out`` is ``weight``: in place) each piece is first copied into
+    ``backup`` and multiplied from there, so ``backup`` ends up holding the original weight after one pass over
+    it; an interrupted loop copies the pieces done so far back (``weight`` is left as it was).
+    """
+    out_features, in_features = weight.shape
+    r = in_features // block_size
+    m = max(1, min(out_features, _CHUNK_BYTES // (in_features * weight.element_size())))
+    src_all = weight if backup is None else backup
+    scratch = None if blocks.shape[0] == 1 else weight.new_empty((r, m, block_size))
+    saved = 0  # rows copied into backup so far
+    try:
+        for r0 in range(0, out_features, m):
+            r1 = min(out_features, r0 + m)
+            src, dst = src_all[r0:r1], out[r0:r1]
+            if backup is not None:
+                src.copy_(dst)
+                saved = r1
+            if scratch is None:
+                torch.mm(src.view(-1, block_size), blocks[0].mT, out=dst.view(-1, block_size))
+                continue
+            prod = scratch.view(-1)[: r * (r1 - r0) * block_size].view(r, r1 - r0, block_size)  # contiguous
+            torch.bmm(src.view(r1 - r0, r, block_size).transpose(0, 1), blocks.mT, out=prod)
+            dst.view(r1 - r0, r, block_size).copy_(prod.transpose(0, 1))
+    except BaseException:
+        if saved:
+            out[:saved].copy_(src_all[:saved])
+        raise
+    return out
+
+
 def _block_matmul(weight: Tensor, blocks: Tensor, block_size: int, out: Tensor | None = None) -> Tensor:
     """``weight @ blockdiag(blocks)ᵀ`` for (out, in) ``weight`` and (r or 1, b, b) ``blocks``, block-wise.
 
     Per block ``W'[:, i] = W[:, i] @ M_iᵀ``. Full-size temporaries (each costs ~50 ms at 4096x4096 here): a shared
     block is one (out*r, b) @ (b, b) product written straight into the result (one); otherwise a batched product
-    over a strided view of the weight (no input copy) and its rearrangement into (out, in) (two).
+    over a strided view of the weight (no input copy) and its rearrangement into (out, in) (two). Into a
+    contiguous ``out`` (eager): none, see :func:`_block_matmul_rows`.
     """
     out_features, in_features = weight.shape
-    if out is not None:  # eager, into a contiguous (out, in) tensor: no temporary at all
-        if blocks.shape[0] == 1:
-            flat = weight.reshape(out_features * (in_features // block_size), block_size)
-            torch.mm(flat, blocks[0].mT, out=out.view(out_features * (in_features // block_size), block_size))
-            return out
-        for i in range(blocks.shape[0]):  # column blocks: strided (ld = in) GEMM operands, no copies
-            cols = slice(i * block_size, (i + 1) * block_size)
-            torch.mm(weight[:, cols], blocks[i].mT, out=out[:, cols])
-        return out
+    if out is not None:
+        return _block_matmul_rows(weight, blocks, block_size, out)
     if blocks.shape[0] == 1:
         flat = weight.reshape(out_features * (in_features // block_size), block_size)
         return (flat @ blocks[0].mT).reshape(out_features, in_features)
@@ -429,6 +465,7 @@ def oft_merge(
     coft: bool = False,
     eps: float = 6e-5,
     out: Tensor | None = None,
+    backup: Tensor | None = None,
 ) -> Tensor:
     """Merged weight ``W' = W blockdiag(R)ᵀ`` (PEFT's merge), block-wise: never builds the (in, in) matrix.
 
@@ -441,6 +478,10 @@ def oft_merge(
         out: optional preallocated (out_features, in_features) tensor (``weight``'s dtype and device,
             contiguous, not overlapping ``weight``) that receives ``W'`` with no full-size temporary when the
             weight is float32/float64; returned as the result. Eager only (an in-place write).
+        backup: with ``out=weight``, a merge in place: a contiguous tensor of ``weight``'s shape, dtype and device,
+            not overlapping it, that receives the original weight while ``W'`` is written over it (each piece of
+            rows is saved, then multiplied from the saved copy while it is in cache: one pass over the weight).
+            ``weight`` must be contiguous; if the loop is interrupted, ``weight`` is left as it was. Eager only.
 
     Returns:
         (out_features, in_features), dtype of ``weight``.
@@ -448,17 +489,23 @@ def oft_merge(
     _check_statics(block_size, num_cayley_neumann_terms, eps)
     _check_weight(weight, block_size)
     _check_q(params.q, weight.shape[1], block_size, block_share)
+    if out is not None:
+        from .road import _check_out
+
+        _check_out(out, weight, backup)
+    elif backup is not None:
+        raise ValueError("backup= is for a merge in place: pass out=weight with it")
     dtype = _merge_dtype(weight, params.q)
     R = _rotations(
         params.q.to(dtype), block_size=block_size, use_cayley_neumann=use_cayley_neumann,
         num_cayley_neumann_terms=num_cayley_neumann_terms, coft=coft, eps=eps,
     )
     if out is not None:
-        from .road import _check_out
-
-        _check_out(out, weight)
         if dtype == weight.dtype:
-            return _block_matmul(weight, R, block_size, out=out)
+            return _block_matmul_rows(weight, R, block_size, out, backup)
+        if backup is not None:
+            backup.copy_(weight)
+            weight = backup
         return out.copy_(_block_matmul(weight.to(dtype), R, block_size))
     return _block_matmul(weight.to(dtype), R, block_size).to(weight.dtype)
 
@@ -718,17 +765,24 @@ class OFTConfig:
 
     def merge(
         self, params: OFTParams, weight: Tensor, bias: Tensor | None, /, *, shared: Any = None,
-        out: Tensor | None = None,
+        out: Tensor | None = None, backup: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """``(W blockdiag(R)ᵀ, bias)``; with ``fan_in_fan_out`` the weight is (in, out) and stays so.
-        ``out``: as :func:`oft_merge`'s (the merged weight written there)."""
+        ``out``, ``backup``: as :func:`oft_merge`'s (the merged weight written into ``out``; with ``out=weight``
+        and ``backup``, in place, the original saved into ``backup`` on the way)."""
         if not isinstance(params, OFTParams):
             params = OFTParams(*params)
         if self.fan_in_fan_out:
             w = weight.mT
+            if backup is not None:
+                from .road import _check_out
+
+                _check_out(out, weight, backup)
+                merged = oft_merge(params, backup.copy_(weight).mT, **self._statics(w.shape[-1])).mT
+                return out.copy_(merged), bias
             merged = oft_merge(params, w, **self._statics(w.shape[-1])).mT
             return (merged.contiguous() if out is None else out.copy_(merged)), bias
-        return oft_merge(params, weight, **self._statics(weight.shape[-1]), out=out), bias
+        return oft_merge(params, weight, **self._statics(weight.shape[-1]), out=out, backup=backup), bias
 
     def unmerge(
         self, params: OFTParams, weight: Tensor, bias: Tensor | None, /, *, shared: Any = None

@@ -191,10 +191,31 @@ def _plain_eager(*ts: Tensor) -> bool:
     return is_wrapped is not None and not any(is_wrapped(t) for t in ts)
 
 
-def _mix_rows(p: Tensor, q: Tensor, w: Tensor, /, *, group_size: int, out: Tensor | None = None) -> Tensor:
+# bytes of rows one in-place merge step reads: the step's rows of the weight, of the backup and the products
+# stay in the 1 MiB L2 of a core while they are mixed (one pass over memory per tensor)
+_CHUNK_BYTES = 1 << 19
+
+
+def _pair_chunks(groups: int, half: int, row_bytes: int, /) -> list[tuple[slice, slice]]:
+    """(groups, pairs) index pairs cutting a "groups 2 half in" view into pieces of ~``_CHUNK_BYTES`` of rows:
+    whole groups when a group is smaller, else slices of each group's row pairs (the last piece may be short)."""
+    pair_bytes = 2 * row_bytes
+    k = max(1, min(half, _CHUNK_BYTES // pair_bytes))
+    if k < half:
+        return [(slice(g, g + 1), slice(k0, k0 + k)) for g in range(groups) for k0 in range(0, half, k)]
+    step = max(1, _CHUNK_BYTES // (half * pair_bytes))
+    return [(slice(g0, g0 + step), slice(None)) for g0 in range(0, groups, step)]
+
+
+def _mix_rows(
+    p: Tensor, q: Tensor, w: Tensor, /, *, group_size: int, out: Tensor | None = None, backup: Tensor | None = None
+) -> Tensor:
     """The pair mixing of :func:`_mix_last` on the rows of ``w`` ("out in"): one fresh (out, in) tensor, or
     written into ``out`` (a contiguous tensor of ``w``'s shape and dtype that does not overlap ``w``; eager,
-    no autograd) with no full-size temporary at all.
+    no autograd) with no full-size temporary at all, or with ``backup`` in place (``out`` is ``w``): each piece
+    of rows is copied into the same rows of ``backup`` and mixed from there back into ``w``, so ``backup`` ends
+    up holding the original weight, in one pass over ``w``. If that loop is interrupted, the rows done so far
+    are copied back (``w`` is left as it was).
 
     Eagerly, the accumulation is written into the product this function has just made (it saves a
     full-size temporary: ~20-30 ms at 4096x4096 here), which plain autograd handles. Under torch.func
@@ -203,19 +224,30 @@ def _mix_rows(p: Tensor, q: Tensor, w: Tensor, /, *, group_size: int, out: Tenso
     # out rows of the first half = p_i W_i + q_i W_j, of the second half = q_j W_i + p_j W_j
     c0 = torch.stack((p[..., 0, :], q[..., 1, :]), dim=-2).unsqueeze(-1)  # multiplies W_i (first half)
     c1 = torch.stack((q[..., 0, :], p[..., 1, :]), dim=-2).unsqueeze(-1)  # multiplies W_j (second half)
-    w4 = w.unflatten(-2, (-1, 2, group_size // 2))
-    top, bottom = w4[..., 0:1, :, :], w4[..., 1:2, :, :]
+    h = group_size // 2
+    w4 = w.unflatten(-2, (-1, 2, h))
     if out is not None:
-        # a few groups at a time, so that addcmul_ finds the rows mul has just written still in cache: one pass
-        # over memory instead of two (chunks of ~1 MiB of rows)
-        o4 = out.unflatten(-2, (-1, 2, group_size // 2))
-        step = max(1, (1 << 20) // max(1, group_size * w.shape[-1] * w.element_size()))
-        for g0 in range(0, o4.shape[0], step):
-            g = slice(g0, g0 + step)
-            o = o4[g]
-            torch.mul(c0[g], top[g], out=o)
-            o.addcmul_(c1[g], bottom[g])
+        # a piece of rows at a time, so that addcmul_ finds the rows mul has just written still in cache: one
+        # pass over memory instead of two (bitwise the same values as the whole-tensor form)
+        o4 = out.unflatten(-2, (-1, 2, h))
+        src4 = w4 if backup is None else backup.unflatten(-2, (-1, 2, h))
+        pieces = _pair_chunks(o4.shape[0], h, w.shape[-1] * w.element_size())
+        saved = 0  # pieces copied into backup so far
+        try:
+            for g, k in pieces:
+                src = src4[g, :, k]
+                if backup is not None:
+                    src.copy_(o4[g, :, k])
+                    saved += 1
+                o = o4[g, :, k]
+                torch.mul(c0[g, :, k], src[:, 0:1], out=o)
+                o.addcmul_(c1[g, :, k], src[:, 1:2])
+        except BaseException:
+            for g, k in pieces[:saved]:  # put back what was overwritten (later pieces are still untouched)
+                o4[g, :, k].copy_(src4[g, :, k])
+            raise
         return out
+    top, bottom = w4[..., 0:1, :, :], w4[..., 1:2, :, :]
     if _plain_eager(c0, c1, w):
         out = (c0 * top).addcmul_(c1, bottom)
     else:
@@ -256,18 +288,20 @@ def _check_invertible(fi: Tensor, si: Tensor, fj: Tensor, sj: Tensor, det: Tenso
 
 def _merge(
     params: RoadParams, weight: Tensor, bias: Tensor | None, /, *, variant: str, group_size: int,
-    out: Tensor | None = None,
+    out: Tensor | None = None, backup: Tensor | None = None,
 ):
     """road_merge without the same-dtype check (coefficients cast to the weight's dtype, as PEFT casts R)."""
     p, q = _forward_pq(*_cols(params, variant=variant, group_size=group_size))
-    return _apply_rows(p, q, weight, bias, group_size=group_size, out=out)
+    return _apply_rows(p, q, weight, bias, group_size=group_size, out=out, backup=backup)
 
 
 def _apply_rows(
-    p: Tensor, q: Tensor, weight: Tensor, bias: Tensor | None, /, *, group_size: int, out: Tensor | None = None
+    p: Tensor, q: Tensor, weight: Tensor, bias: Tensor | None, /, *, group_size: int, out: Tensor | None = None,
+    backup: Tensor | None = None,
 ):
-    new_w = _mix_rows(p.to(weight.dtype), q.to(weight.dtype), weight, group_size=group_size, out=out)
+    # the bias first: once an in-place merge (``backup``) has written the weight, nothing else may fail
     new_b = None if bias is None else _mix_last(p.to(bias.dtype), q.to(bias.dtype), bias, group_size=group_size)
+    new_w = _mix_rows(p.to(weight.dtype), q.to(weight.dtype), weight, group_size=group_size, out=out, backup=backup)
     return new_w, new_b
 
 
@@ -416,7 +450,7 @@ def road_matrix(params: RoadParams, /, *, variant: str, group_size: int) -> Tens
 
 def road_merge(
     params: RoadParams, weight: Tensor, bias: Tensor | None = None, /, *, variant: str, group_size: int,
-    out: Tensor | None = None,
+    out: Tensor | None = None, backup: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Fold RoAD into a linear layer: ``(R W, R b)`` with O(out * in) work, never building ``R``.
 
@@ -430,6 +464,10 @@ def road_merge(
         out: optional preallocated "out in" tensor (``weight``'s dtype and device, contiguous, not overlapping
             ``weight``) that receives ``W'`` without any full-size temporary; it is returned as ``W'``. Eager only
             (an in-place write: not under ``torch.func`` transforms or autograd).
+        backup: with ``out=weight``, a merge in place: a contiguous tensor of ``weight``'s shape, dtype and device,
+            not overlapping it, that receives the original weight while ``W'`` is written over it, in one pass
+            (each piece of rows is saved, then mixed from the saved copy while it is in cache). ``weight`` must be
+            contiguous; if the loop is interrupted, ``weight`` is left as it was. Eager only.
 
     Returns:
         ``(W', b')``: new tensors, "out in" and "out" (``None`` when ``bias`` is None).
@@ -438,11 +476,20 @@ def road_merge(
     check_same_dtype_device("params.theta", params.theta, "weight", weight)
     if bias is not None:
         check_same_dtype_device("weight", weight, "bias", bias)
-    _check_out(out, weight)
-    return _merge(params, weight, bias, variant=variant, group_size=group_size, out=out)
+    _check_out(out, weight, backup)
+    return _merge(params, weight, bias, variant=variant, group_size=group_size, out=out, backup=backup)
 
 
-def _check_out(out: Tensor | None, weight: Tensor, /) -> None:
+def _check_out(out: Tensor | None, weight: Tensor, backup: Tensor | None = None, /) -> None:
+    """ValueError unless ``out`` can receive a merge of ``weight`` (and, with ``backup``, ``out`` is ``weight``
+    itself and ``backup`` can receive a copy of it)."""
+    if backup is not None:
+        if out is None or out.data_ptr() != weight.data_ptr() or out.shape != weight.shape or out.stride() != weight.stride():
+            raise ValueError("backup= is for a merge in place: pass out=weight with it")
+        if not weight.is_contiguous():
+            raise ValueError(f"a merge in place needs a contiguous weight, got strides {weight.stride()}")
+        _check_out(backup, weight)
+        return
     if out is None:
         return
     if not isinstance(out, Tensor) or out.shape != weight.shape or out.dtype != weight.dtype or out.device != weight.device:
@@ -653,14 +700,16 @@ class RoadConfig:
         *,
         shared: tuple[Tensor, ...] | None = None,
         out: Tensor | None = None,
+        backup: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """``(R W, R b)``; params may have another float dtype than the weight (the coefficients are
-        computed from the params, then cast to the weight's dtype, as PEFT casts its ``R``). ``out``: as
-        :func:`road_merge`'s (``R W`` written there, no full-size temporary)."""
+        computed from the params, then cast to the weight's dtype, as PEFT casts its ``R``). ``out``, ``backup``:
+        as :func:`road_merge`'s (``R W`` written into ``out``, no full-size temporary; with ``out=weight`` and
+        ``backup``, in place, the original saved into ``backup`` on the way)."""
         _check_merge_inputs(params, weight, bias, self.variant, self.group_size)
         _check_same_device(params, weight, bias)
-        _check_out(out, weight)
-        return _merge(params, weight, bias, **self._statics(), out=out)
+        _check_out(out, weight, backup)
+        return _merge(params, weight, bias, **self._statics(), out=out, backup=backup)
 
     def unmerge(
         self,

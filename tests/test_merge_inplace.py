@@ -1,6 +1,8 @@
 """Float merges through the shims write into the weight's own storage: the same storage holds W' while merged
 (tied references see it), unmerge copies the backup back bitwise, a kept backup buffer is reused, the out=
-forms of road_merge / oft_merge equal the out-of-place ones, and a weight rewritten since the merge is refused."""
+forms of road_merge / oft_merge equal the out-of-place ones, their in-place forms (out=weight, backup=) save the
+original on the way, over several pieces of rows, and leave the weight as it was when interrupted, and a weight
+rewritten since the merge is refused."""
 
 from __future__ import annotations
 
@@ -117,3 +119,117 @@ def test_out_forms_equal_the_out_of_place_merges():
         road_merge(p, W, None, variant="road_2", group_size=8, out=W)
     with pytest.raises(ValueError, match=r"shape=\(64, 32\)"):
         road_merge(p, W, None, variant="road_2", group_size=8, out=torch.empty(N, 32))
+
+
+# ------------------------------------------------- merges in place with a backup (one pass over the weight)
+
+ROAD_VARIANTS = {"road_1": 0.5, "road_2": 1, "road_4": 2}
+
+
+def _road_params(variant, out_features, g):
+    n = int(out_features * ROAD_VARIANTS[variant])
+    return RoadParams(torch.randn(n, generator=g), 1 + 0.3 * torch.randn(n, generator=g))
+
+
+# (chunk bytes, out, in, group size) for RoAD: pieces of 3 of a group's 8 row pairs (the last one 2), and pieces of
+# 2 whole groups out of 5 (the last one 1)
+ROAD_PIECES = {"pairs": (3 * 2 * 24 * 4, 80, 24, 16), "groups": (2 * 16 * 24 * 4, 80, 24, 16)}
+
+
+@pytest.mark.parametrize("variant", list(ROAD_VARIANTS))
+@pytest.mark.parametrize("pieces", list(ROAD_PIECES))
+def test_road_merge_in_place_over_several_pieces(monkeypatch, variant, pieces):
+    chunk, out_f, in_f, gs = ROAD_PIECES[pieces]
+    monkeypatch.setattr(rotfunc.road, "_CHUNK_BYTES", chunk)
+    g = torch.Generator().manual_seed(4)
+    W, b = torch.randn(out_f, in_f, generator=g), torch.randn(out_f, generator=g)
+    p = _road_params(variant, out_f, g)
+    ref = road_merge(p, W, b, variant=variant, group_size=gs)
+    R64 = rotfunc.road_matrix(RoadParams(p.theta.double(), p.alpha.double()), variant=variant, group_size=gs)
+    w, backup = W.clone(), torch.empty_like(W)
+    got_w, got_b = road_merge(p, w, b, variant=variant, group_size=gs, out=w, backup=backup)
+    assert got_w is w and torch.equal(backup, W)
+    assert torch.equal(w, ref[0]) and torch.equal(got_b, ref[1])  # the same operations as the out-of-place merge
+    torch.testing.assert_close(w.double(), R64 @ W.double(), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(w, W)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_oft_merge_in_place_over_several_pieces(monkeypatch, share):
+    monkeypatch.setattr(rotfunc.oft, "_CHUNK_BYTES", 7 * 64 * 4)  # pieces of 7 rows of 100: the last one 2
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(100, 64, generator=g)
+    q = OFTParams(0.2 * torch.randn(1 if share else 4, 16 * 15 // 2, generator=g))
+    M64 = rotfunc.oft_matrix(OFTParams(q.q.double()), in_features=64, block_size=16, block_share=share)
+    w, backup = W.clone(), torch.empty_like(W)
+    got = oft_merge(q, w, block_size=16, block_share=share, out=w, backup=backup)
+    assert got is w and torch.equal(backup, W)
+    torch.testing.assert_close(w.double(), W.double() @ M64.mT, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(w, W)
+
+
+def test_interrupted_merges_in_place_leave_the_weight_bitwise(monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(80, 24, generator=g)
+    pieces = rotfunc.road._pair_chunks
+    # three good pieces, then one out of range (IndexError): the first three were already merged in place
+    monkeypatch.setattr(rotfunc.road, "_pair_chunks", lambda *a: pieces(*a)[:3] + [(1000, slice(None))])
+    monkeypatch.setattr(rotfunc.road, "_CHUNK_BYTES", 3 * 2 * 24 * 4)  # 15 pieces
+    w = W.clone()
+    with pytest.raises(IndexError):
+        road_merge(_road_params("road_2", 80, g), w, None, variant="road_2", group_size=16, out=w,
+                   backup=torch.empty_like(W))
+    assert torch.equal(w, W)
+
+    monkeypatch.setattr(rotfunc.oft, "_CHUNK_BYTES", 7 * 64 * 4)
+    blocks = torch.linalg.qr(torch.randn(4, 16, 16, generator=g))[0]
+    calls, bmm = [], torch.bmm
+
+    def bmm_failing_third(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("interrupted")
+        return bmm(*a, **kw)
+
+    monkeypatch.setattr(torch, "bmm", bmm_failing_third)
+    W = torch.randn(100, 64, generator=g)
+    w = W.clone()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        rotfunc.oft._block_matmul_rows(w, blocks, 16, w, torch.empty_like(W))
+    assert len(calls) == 3 and torch.equal(w, W)
+
+
+def test_merge_into_calls_a_backup_taking_merge_fn_in_place():
+    layer = nn.Linear(N, N)
+    W0 = layer.weight.detach().clone()
+    seen = {}
+
+    def double(w, b, out=None, backup=None):
+        seen.update(w=w, out=out)
+        backup.copy_(w)
+        return torch.mul(backup, 2.0, out=out), b
+
+    record = quant.merge_into(layer, double, in_place=True)
+    assert seen["w"].data_ptr() == seen["out"].data_ptr() == layer.weight.data_ptr()
+    assert torch.equal(layer.weight, 2 * W0)
+    quant.restore(layer, record)
+    assert torch.equal(layer.weight, W0)
+
+    def fails_untouched(w, b, out=None, backup=None):
+        raise RuntimeError("boom")  # before saving anything: the backup holds no copy to put back
+
+    with pytest.raises(RuntimeError, match="boom"):
+        quant.merge_into(layer, fails_untouched, in_place=True)
+    assert torch.equal(layer.weight, W0)
+
+
+def test_backup_needs_a_merge_in_place():
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(N, N, generator=g)
+    p = _road_params("road_2", N, g)
+    with pytest.raises(ValueError, match="pass out=weight"):
+        road_merge(p, W, None, variant="road_2", group_size=8, out=torch.empty_like(W), backup=torch.empty_like(W))
+    with pytest.raises(ValueError, match="overlaps weight"):
+        road_merge(p, W, None, variant="road_2", group_size=8, out=W, backup=W[:, :])
+    with pytest.raises(ValueError, match="pass out=weight"):
+        oft_merge(OFTParams(torch.zeros(4, 120)), W, block_size=16, backup=torch.empty_like(W))
