@@ -14,6 +14,9 @@ Sides (each a full step):
   ``torch.func`` transform, so it runs plain autograd underneath (``rotfunc.train``).
 * ``rotfunc compiled``: the same with ``value_and_grad(loss_fn, compile=True, fullgraph=True)`` (inductor
   compiles the forward, AOTAutograd the backward); its first call (the compile) is reported separately.
+* ``rotfunc + compile_blocks``: the ``rotfunc`` side on a model whose transformer layers went through
+  ``rotfunc.compile_blocks(model, fullgraph=True)`` (regional compilation: one graph per layer class, the rest
+  eager); its first call (the compile) is reported separately.
 * ``rotfunc torch.func.grad`` (no target, for reference): ``torch.func.grad`` of the same loss, as before.
 * ``PEFT``: ``get_peft_model`` then ``loss.backward()`` and ``torch.optim.Adam.step()`` (bitsandbytes' own
   ``Linear4bit`` forward/backward inside), ``zero_grad(set_to_none=True)`` between steps: the baseline.
@@ -47,7 +50,7 @@ from benchmarks._harness import _status_kb, format_table, peak_rss_bytes
 __all__ = ["rows", "COLUMNS", "build_step"]
 
 TARGET_MODULES = ["query", "key", "value", "dense"]
-SIDES = ("rotfunc_compiled", "rotfunc", "rotfunc_funcgrad", "peft", "peft_compiled")  # build order, see time_sides
+SIDES = ("rotfunc_compiled", "rotfunc", "rotfunc_blocks", "rotfunc_funcgrad", "peft", "peft_compiled")  # build order, see time_sides
 LR = 1e-3
 _MINILM: dict = {}
 
@@ -86,6 +89,8 @@ def _rotfunc_step(method: str, batch_size: int, max_length: int, how: str):
     tok, model = _minilm()
     rcfg, _ = configs(method, TARGET_MODULES)
     rotfunc.attach(model, rcfg)
+    if how == "blocks":
+        rotfunc.compile_blocks(model, fullgraph=True)
     batch, target = _batch(tok, batch_size, max_length), _target(batch_size)
 
     def loss_fn(p, batch):
@@ -135,7 +140,8 @@ def _peft_step(method: str, batch_size: int, max_length: int, compiled: bool):
 def build_step(side: str, method: str, *, batch_size: int, max_length: int):
     """(step thunk, trainable parameter count) for ``side`` (one of ``SIDES``)."""
     if side.startswith("rotfunc"):
-        how = {"rotfunc": "eager", "rotfunc_compiled": "compiled", "rotfunc_funcgrad": "funcgrad"}[side]
+        how = {"rotfunc": "eager", "rotfunc_compiled": "compiled", "rotfunc_blocks": "blocks",
+               "rotfunc_funcgrad": "funcgrad"}[side]
         return _rotfunc_step(method, batch_size, max_length, how)
     return _peft_step(method, batch_size, max_length, compiled=side == "peft_compiled")
 
@@ -219,7 +225,7 @@ def train_rows(method: str, *, batch_size: int, max_length: int, rounds: int, su
         timed = _in_subprocess("time", method, str(batch_size), str(max_length), str(rounds))
         mem = {}
         mem["rotfunc_compiled"] = timed.get("rotfunc_compiled", {})
-        for side in ("rotfunc", "peft"):
+        for side in ("rotfunc", "rotfunc_blocks", "peft"):
             try:
                 mem[side] = _in_subprocess("mem", method, str(batch_size), str(max_length), "0", side)
             except Exception as e:
@@ -234,14 +240,15 @@ def train_rows(method: str, *, batch_size: int, max_length: int, rounds: int, su
                 peft_peak_bytes=peft_mem, peft_trainable_params=timed["peft"].get("trainable_params"))
     target = "time <= 0.8x PEFT and peak <= PEFT"
     out = []
-    labels = {"rotfunc": "rotfunc.value_and_grad (autograd)", "rotfunc_compiled": "value_and_grad(compile=True)",
+    labels = {"rotfunc": "rotfunc.value_and_grad (autograd)",
+              "rotfunc_blocks": "value_and_grad + compile_blocks", "rotfunc_compiled": "value_and_grad(compile=True)",
               "rotfunc_funcgrad": "torch.func.grad", "peft_compiled": "PEFT + torch.compile"}
     for side, label in labels.items():
         if side not in timed:
             continue
         res = timed[side]
         name = f"{LABEL[method]} train step nf4 MiniLM {shape}: {label} vs PEFT eager"
-        targeted = side in ("rotfunc", "rotfunc_compiled")
+        targeted = side in ("rotfunc", "rotfunc_blocks", "rotfunc_compiled")
         if "error" in res or peft_t is None:
             err = res.get("error") or timed["peft"].get("error")
             out.append(row(name, res.get("time"), peft_t, target=target if targeted else "",
@@ -251,7 +258,7 @@ def train_rows(method: str, *, batch_size: int, max_length: int, rounds: int, su
         m = mem.get(side, {}).get("peak_bytes")
         mem_ratio = m / peft_mem if (m and peft_mem) else None
         notes = []
-        if side.endswith("compiled"):
+        if side.endswith(("compiled", "blocks")):
             notes.append(f"first call (compile) {res['first_s']:.1f} s, {res['graph_breaks']} graph break(s)")
         measured = f"time {ratio_t:.2f}x PEFT" + (f", peak {mem_ratio:.2f}x PEFT" if mem_ratio is not None else "")
         met = None

@@ -95,6 +95,8 @@ _EXPORTS: dict[str, str] = {
     "Optimizer": "train",
     "SGDState": "train",
     "adam": "train",
+    "compile_blocks": "train",
+    "uncompile_blocks": "train",
     "sgd": "train",
     "value_and_grad": "train",
     "quant": "",
@@ -119,7 +121,7 @@ __all__ = [
     "set_adapter", "active_adapter", "adapter_names", "disable_adapters", "enable_adapters", "disabled",
     "adapter_batch", "merge", "unmerge", "merge_and_unload", "num_trainable",
     # training step
-    "value_and_grad", "Optimizer", "SGDState", "AdamState", "sgd", "adam",
+    "value_and_grad", "compile_blocks", "uncompile_blocks", "Optimizer", "SGDState", "AdamState", "sgd", "adam",
     # many adapters on one base
     "stack_params", "unstack_params", "rename_params", "split_by_adapter", "init_params",
     "EnsembleState", "ensemble_init", "ensemble_step",

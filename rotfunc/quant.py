@@ -345,14 +345,51 @@ class _QuantLinear(torch.autograd.Function):
         return out
 
 
+@torch.library.custom_op(
+    "rotfunc::quantized_linear_grad_input",
+    mutates_args=(),
+    schema="(Tensor grad_out, Tensor data, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+    "Tensor? offset, str quant_type, int out_features, int in_features, ScalarType dtype, int blocksize, "
+    "int nested_blocksize) -> Tensor",
+)
+def _grad_input_op(grad_out, data, absmax, nested_absmax, nested_code, offset, quant_type, out_features,
+                   in_features, dtype, blocksize, nested_blocksize):
+    spec = QuantSpec(quant_type, (out_features, in_features), dtype, blocksize, nested_blocksize, None, data.dtype)
+    return grad_out @ _dequant(QuantWeight(data, absmax, nested_absmax, nested_code, offset, spec), grad_out.dtype)
+
+
+@_grad_input_op.register_fake
+def _(grad_out, data, absmax, nested_absmax, nested_code, offset, quant_type, out_features, in_features, dtype,
+      blocksize, nested_blocksize):
+    return grad_out.new_empty((*grad_out.shape[:-1], in_features))
+
+
+def _ql_backward_compiled(ctx, grad_out):
+    """:func:`_ql_backward` for compiled graphs: the input gradient is one opaque op that dequantizes the saved
+    packed weight itself. Written as the eager backward, AOTAutograd would see the same ``dequantize`` in the
+    forward and the backward, merge the two (CSE) and save the float weight between them (it never
+    recomputes a tensor the backward's matmul reads), which is the 4-8x memory the packed path exists to
+    avoid."""
+    leaves = ctx.saved_tensors
+    s = ctx.spec
+    grad_x = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.rotfunc.quantized_linear_grad_input(
+            grad_out, *leaves, s.quant_type, s.shape[0], s.shape[1], s.dtype, s.blocksize, s.nested_blocksize
+        )
+    if ctx.needs_input_grad[1]:
+        grad_b = grad_out.sum(dim=tuple(range(grad_out.dim() - 1))) if grad_out.dim() > 1 else grad_out
+    return (grad_x, grad_b, None) + (None,) * len(leaves)
+
+
 class _QuantLinearNoJvp(torch.autograd.Function):
-    """:class:`_QuantLinear` without ``jvp``: used while torch.compile traces (Dynamo cannot trace an
-    ``autograd.Function`` that defines a custom ``jvp``)."""
+    """:class:`_QuantLinear` for torch.compile: no ``jvp`` (Dynamo cannot trace an ``autograd.Function`` that
+    defines a custom one) and the backward of :func:`_ql_backward_compiled`."""
 
     generate_vmap_rule = True
     forward = staticmethod(_ql_forward)
     setup_context = staticmethod(_ql_setup_context)
-    backward = staticmethod(_ql_backward)
+    backward = staticmethod(_ql_backward_compiled)
 
 
 # ------------------------------------------------------------------------------------ public: read & run
