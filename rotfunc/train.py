@@ -19,6 +19,10 @@ interface users want is still functional (``loss(params, batch) -> grads``, para
 
 Both paths compute the same gradients (up to float round-off of the two engines' summation orders).
 
+On a transformer, :func:`compile_blocks` compiles each repeated layer in place instead of the whole loss
+(regional compilation): the autograd path then runs compiled layers, for a fraction of the compile time and of
+the resident compiled state of ``compile=True``; the functorch path runs the same layers eagerly.
+
 The optimizers are optax-shaped pure functions over the same pytree: ``opt = adam(1e-3)``,
 ``state = opt.init(params)``, ``params, state = opt.update(grads, state, params)``; each returns new tensors
 (``torch._foreach_*`` out-of-place ops, one fused call per op over all leaves) and never writes into its
