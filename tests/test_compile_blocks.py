@@ -105,7 +105,11 @@ def test_autograd_step_equals_the_uncompiled_model():
     names = rotfunc.compile_blocks(compiled, fullgraph=True)  # inductor, as users get it
     assert names == ["layers.0", "layers.1", "layers.2"]
     x, p = _x(), rotfunc.adapter_params(eager)
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
     (v1, g1), (v2, g2) = (rotfunc.value_and_grad(_loss_fn(m))(p, x) for m in (eager, compiled))
+    assert counters["stats"]["unique_graphs"] > before  # the blocks did run compiled
     _close(v2, v1)
     assert g2.keys() == g1.keys() and len(g1) == 12  # theta, alpha on "a" and "c" of 3 blocks
     for k in g1:
@@ -114,10 +118,16 @@ def test_autograd_step_equals_the_uncompiled_model():
 
 def test_every_adapter_state_change_reaches_the_compiled_blocks():
     """The adapter state is guarded, not baked into the graph: each change recompiles (or hits the cache).
-    Dynamo + AOTAutograd without inductor's codegen (``backend="aot_eager"``), for speed: guards are Dynamo's."""
+    Dynamo alone (a backend that runs its graphs as traced), for speed: the guards are Dynamo's."""
     eager = _model()
     compiled = copy.deepcopy(eager)
-    rotfunc.compile_blocks(compiled, backend="aot_eager", fullgraph=True)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):  # Dynamo alone, counting the graphs it compiles
+        graphs.append(gm)
+        return gm.forward
+
+    rotfunc.compile_blocks(compiled, backend=counting_backend, fullgraph=True)
     x = _x()
     names = ["road", "oft", "rl", rotfunc.BASE_ADAPTER]
     steps = [
@@ -133,6 +143,9 @@ def test_every_adapter_state_change_reaches_the_compiled_blocks():
             for m in (eager, compiled):
                 change(m)
             _close(compiled(x), eager(x))
+        # one graph per distinct state (road, disabled, oft, oft merged), shared by the 3 blocks; enabling again
+        # and unmerging hit the cache
+        assert len(graphs) == 4
         xs = torch.cat((x, _x(3)))  # 4 sequences, one per entry of names
         _close(compiled(xs, adapter_names=names), eager(xs, adapter_names=names))
     # training mode and grad through a mixed batch: every adapter gets its own rows' gradient
