@@ -131,7 +131,7 @@ def _road_params(variant, out_features, g):
     return RoadParams(torch.randn(n, generator=g), 1 + 0.3 * torch.randn(n, generator=g))
 
 
-# (chunk bytes, out, in, group size) for RoAD: pieces of 3 of a group's 8 row pairs (the last one 2), and pieces of
+# (chunk bytes, out, in, group size) for RoAD: pieces of 2 of a group's 8 row pairs (3 fit; 2 divides 8), and pieces of
 # 2 whole groups out of 5 (the last one 1)
 ROAD_PIECES = {"pairs": (3 * 2 * 24 * 4, 80, 24, 16), "groups": (2 * 16 * 24 * 4, 80, 24, 16)}
 
@@ -171,12 +171,12 @@ def test_oft_merge_in_place_over_several_pieces(monkeypatch, share):
 def test_interrupted_merges_in_place_leave_the_weight_bitwise(monkeypatch):
     g = torch.Generator().manual_seed(6)
     W = torch.randn(80, 24, generator=g)
-    pieces = rotfunc.road._pair_chunks
-    # three good pieces, then one out of range (IndexError): the first three were already merged in place
-    monkeypatch.setattr(rotfunc.road, "_pair_chunks", lambda *a: pieces(*a)[:3] + [(1000, slice(None))])
-    monkeypatch.setattr(rotfunc.road, "_CHUNK_BYTES", 3 * 2 * 24 * 4)  # 15 pieces
+    pieces = rotfunc.road._pieces
+    # three good pieces, then one that is not a tensor (AttributeError): the first three were merged in place
+    monkeypatch.setattr(rotfunc.road, "_pieces", lambda *a: pieces(*a)[:3] + (None,))
+    monkeypatch.setattr(rotfunc.road, "_CHUNK_BYTES", 3 * 2 * 24 * 4)  # 20 pieces
     w = W.clone()
-    with pytest.raises(IndexError):
+    with pytest.raises(AttributeError):
         road_merge(_road_params("road_2", 80, g), w, None, variant="road_2", group_size=16, out=w,
                    backup=torch.empty_like(W))
     assert torch.equal(w, W)
