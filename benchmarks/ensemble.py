@@ -10,12 +10,17 @@ members start from 8 seeds and train with 8 learning rates on the same batch of 
 * ``loop``: 8 x (:func:`rotfunc.value_and_grad`, plain autograd underneath, + :func:`rotfunc.adam` update),
   the honest alternative: the fastest single-adapter step rotfunc has.
 
+On the nf4 causal LM (``causal_ensemble_row``, SmolLM2-135M, eager attention): the demo's adapter config on all 210
+projections, K = 8 members with random non-identity params of a trained adapter's size, 8 learning rates, the
+causal-LM loss on 2 blocks of 32 tokens, then on 1 block of 16.
+
 ``ratio = time(loop) / time(vmapped)`` (target >= 2x). Peak memory (process RSS high-water mark above the
 resident size before the call) of one vmapped step is reported against one single-adapter step: K members cost
 one base plus K adapters' params, grads, Adam state and activations. The two variants alternate in one
 process; medians; the load average is recorded per row.
 
-Run: ``python -m benchmarks.ensemble`` (``--quick`` for a small run).
+Run: ``python -m benchmarks.ensemble`` (``--quick`` for a small run; ``--models``, ``--methods``, ``--json`` as
+``benchmarks.mixed``).
 """
 
 from __future__ import annotations
@@ -59,7 +64,6 @@ def ensemble_row(method: str, kind: str, *, k: int, batch_size: int, max_length:
     members = [rotfunc.init_params(model, generator=torch.Generator().manual_seed(s)) for s in range(k)]
     if method == "oft":  # PEFT's N(0, 0.1^2) init is far from a trained OFT; scale it like benchmarks.oft does
         members = [{n: v * 0.1 for n, v in m.items()} for m in members]
-    lrs = torch.logspace(-4, -2, k)
     batch = _batch(tok, batch_size, max_length)
     with torch.no_grad(), rotfunc.disabled(model):
         target = embed(model, batch).roll(1, 0)  # a fixed target: another sentence's base embedding
@@ -68,6 +72,46 @@ def ensemble_row(method: str, kind: str, *, k: int, batch_size: int, max_length:
         out = embed(lambda **kw: torch.func.functional_call(model, p, args=(), kwargs=kw), batch)
         return (1.0 - (out * target).sum(-1)).mean()
 
+    return _time_ensemble(model, loss_fn, members, batch, repeats=repeats, method=method, kind=kind,
+                          name=f"{LABEL[method]} ensemble {kind} MiniLM: K={k} vmapped train steps vs a loop, "
+                               f"{batch_size}x{max_length} tokens")
+
+
+def causal_ensemble_row(method: str, *, k: int, batch_size: int, block: int, repeats: int,
+                        n_layers: int | None = None) -> dict:
+    """The same on the nf4 causal LM (SmolLM2-135M, ``benchmarks.causal_lm``'s model, eager attention): the demo's
+    adapter config on all 210 projections, K members with random non-identity params of a trained adapter's size
+    (K seeds), K learning rates, the causal-LM loss on ``batch_size`` blocks of ``block`` tokens."""
+    import rotfunc
+    from benchmarks.causal_lm import _batch as lm_batch, _model as lm_model, _randomize
+    from rotfunc.causal_lm import adapter_config, causal_lm_loss
+
+    tok, model = lm_model(n_layers)
+    model.set_attn_implementation("eager")
+    rotfunc.attach(model, adapter_config(method))
+    start = rotfunc.adapter_params(model)
+    members = [_randomize(start, seed=s) for s in range(k)]
+    ids = lm_batch(tok, batch_size, block)
+
+    def loss_fn(p, ids):
+        out = torch.func.functional_call(model, p, args=(), kwargs={"input_ids": ids, "use_cache": False})
+        return causal_lm_loss(out.logits, ids)
+
+    depth = "" if n_layers is None else f" ({n_layers} layers)"
+    return _time_ensemble(model, loss_fn, members, ids, repeats=repeats, method=method, kind="nf4",
+                          model_name="SmolLM2-135M",
+                          name=f"{LABEL[method]} ensemble nf4 SmolLM2-135M{depth}: K={k} vmapped train steps vs a "
+                               f"loop, {batch_size}x{block} tokens")
+
+
+def _time_ensemble(model, loss_fn, members: list[dict], batch, *, repeats: int, name: str, method: str, kind: str,
+                   model_name: str = "MiniLM") -> dict:
+    """One row: ``ensemble_step`` on the stacked ``members`` vs a loop of value_and_grad + adam, interleaved; peak
+    memory of one vmapped step vs one single-adapter step."""
+    import rotfunc
+
+    k = len(members)
+    lrs = torch.logspace(-4, -2, k)
     step = rotfunc.ensemble_step(loss_fn)
     vg = rotfunc.value_and_grad(loss_fn)
     opts = [rotfunc.adam(float(lr)) for lr in lrs]
@@ -106,9 +150,8 @@ def ensemble_row(method: str, kind: str, *, k: int, batch_size: int, max_length:
     base_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
     adapter_bytes = sum(v.numel() * v.element_size() for v in members[0].values())
     return row(
-        f"{LABEL[method]} ensemble {kind} MiniLM: K={k} vmapped train steps vs a loop, {batch_size}x{max_length} tokens",
-        tv, tl, ratio=ratio, target=">= 2x throughput", met=ratio >= 2.0, measured=f"{ratio:.2f}x throughput",
-        vs=f"loop of {k}", method=method, kind=kind, section="ensemble", k=k,
+        name, tv, tl, ratio=ratio, target=">= 2x throughput", met=ratio >= 2.0, measured=f"{ratio:.2f}x throughput",
+        vs=f"loop of {k}", method=method, kind=kind, model=model_name, section="ensemble", k=k,
         peak_mib_k=mem_k / 2**20, peak_mib_1=mem_1 / 2**20,
         memory=f"{mem_k / 2**20:.0f} MiB for K={k} vs {mem_1 / 2**20:.0f} MiB for 1 (base {base_bytes / 2**20:.0f} MiB, "
                f"one adapter's params {adapter_bytes / 2**20:.2f} MiB)",
@@ -116,26 +159,39 @@ def ensemble_row(method: str, kind: str, *, k: int, batch_size: int, max_length:
     )
 
 
-def plan(quick: bool = False) -> list[tuple[str, callable]]:
+CAUSAL = [dict(k=8, batch_size=2, block=32, repeats=3), dict(k=8, batch_size=1, block=16, repeats=3)]
+
+
+def plan(quick: bool = False, *, models: tuple[str, ...] = ("minilm", "smollm2"),
+         methods: tuple[str, ...] = METHODS) -> list[tuple[str, callable]]:
+    """MiniLM rows, then the causal LM's (nf4; not in ``quick``: it needs the SmolLM2 cache)."""
     if quick:
         sizes, kinds = [dict(k=2, batch_size=2, max_length=8, repeats=1)], ("nf4",)
     else:  # a training-sized batch (FLOP-bound), then a small one (per-op overhead and dequantization bound)
         sizes, kinds = [dict(k=8, batch_size=8, max_length=32, repeats=5), dict(k=8, batch_size=1, max_length=16,
                                                                                  repeats=5)], KINDS
-    return [(f"ensemble {m} {kd} {kw['batch_size']}x{kw['max_length']}",
-             lambda m=m, kd=kd, kw=kw: ensemble_row(m, kd, **kw)) for kw in sizes for kd in kinds for m in METHODS]
+    out = []
+    if "minilm" in models:
+        out += [(f"ensemble {m} {kd} {kw['batch_size']}x{kw['max_length']}",
+                 lambda m=m, kd=kd, kw=kw: ensemble_row(m, kd, **kw)) for kw in sizes for kd in kinds for m in methods]
+    if "smollm2" in models and not quick:
+        out += [(f"ensemble {m} nf4 SmolLM2 {kw['batch_size']}x{kw['block']}",
+                 lambda m=m, kw=kw: causal_ensemble_row(m, **kw)) for kw in CAUSAL for m in methods]
+    return out
 
 
-def rows(quick: bool = False) -> list[dict]:
-    """Benchmark rows (see the module docstring)."""
+def rows(quick: bool = False, **selection) -> list[dict]:
+    """Benchmark rows (see the module docstring); ``selection``: :func:`plan`'s ``models`` / ``methods``."""
     from tqdm.auto import tqdm
 
     torch.set_num_threads(THREADS)
-    return [thunk() for _, thunk in tqdm(plan(quick), desc="ensemble", file=sys.stderr)]
+    return [thunk() for _, thunk in tqdm(plan(quick, **selection), desc="ensemble", file=sys.stderr)]
 
 
 COLUMNS = ["name", "vs", "rotfunc_s", "rotfunc_spread", "peft_s", "ratio", "measured", "target", "met", "memory",
            "load_average"]
 
 if __name__ == "__main__":
-    print(format_table(rows(quick="--quick" in sys.argv[1:]), COLUMNS))
+    from benchmarks.mixed import main
+
+    main(rows_fn=rows, columns=COLUMNS, prog="python -m benchmarks.ensemble")

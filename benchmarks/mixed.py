@@ -1,4 +1,5 @@
-"""Mixed-adapter batches: 8 adapters in one batch against 1 adapter, on the float, int8 and nf4 MiniLM.
+"""Mixed-adapter batches: 8 adapters in one batch against 1 adapter, on the float, int8 and nf4 MiniLM and on the nf4
+causal LM (SmolLM2-135M).
 
 For each adapter type and base kind, 8 adapters of one config (random non-identity params,
 ``init_weights=False``) are attached to every linear layer (``target_modules=["query", "key", "value",
@@ -11,6 +12,10 @@ For each adapter type and base kind, 8 adapters of one config (random non-identi
 * ``per-group``: the same mixed batch through the per-group fallback (one ``apply`` per adapter on its rows,
   what every layer did before ``apply_mixed``), for reference.
 
+On the causal LM (``causal_mixed_rows``, the model of ``benchmarks.causal_lm``): the demo's adapter config of each
+method on all 210 projections, 8 adapters with random non-identity params of a trained adapter's size, 16 blocks
+of 32 tokens of stdlib docstrings (2 per adapter), the causal-LM loss; the same three variants.
+
 Two modes: ``inference`` (``torch.no_grad`` forward) and ``training`` (loss + gradients of every adapter the
 batch uses, through :func:`rotfunc.value_and_grad`: 1 adapter's params for ``one``, all 8 adapters' for
 ``eight``). ``ratio = time(one) / time(eight) = throughput(eight) / throughput(one)``; target >= 0.9x. PEFT has
@@ -18,7 +23,8 @@ no RoAD/OFT/RandLoRA mixed batches (its ``adapter_names`` is LoRA-family only an
 ``peft_*`` columns hold the 1-adapter run. The three variants alternate in one process; medians; the load
 average is recorded per row.
 
-Run: ``python -m benchmarks.mixed`` (``--quick`` for a small run).
+Run: ``python -m benchmarks.mixed`` (``--quick`` for a small run; ``--models smollm2 --methods randlora --json F`` for
+some rows only, written with the machine to ``F``).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ __all__ = ["rows", "COLUMNS", "plan"]
 N_ADAPTERS = 8
 TARGET_MODULES = ["query", "key", "value", "dense"]
 KINDS = ("nf4", "int8", "float")
+CAUSAL = dict(batch_size=16, block=32, repeats=5)  # SmolLM2: 2 blocks of 32 tokens per adapter
 _MODELS: dict = {}
 
 
@@ -102,16 +109,6 @@ def mixed_rows(method: str, kind: str, *, batch_size: int, max_length: int, repe
         return out.square().mean()
 
     vg = rotfunc.value_and_grad(loss_fn)
-    def per_group(fn):  # hide apply_mixed on this config: every layer takes the per-group fallback
-        def run():
-            object.__setattr__(cfg, "apply_mixed", None)
-            try:
-                return fn()
-            finally:
-                object.__delattr__(cfg, "apply_mixed")
-
-        return run
-
     modes = {
         "inference": {
             "one": lambda: model(**batch),
@@ -122,6 +119,28 @@ def mixed_rows(method: str, kind: str, *, batch_size: int, max_length: int, repe
             "eight": lambda: vg(all_params, per_sample),
         },
     }
+    return _mode_rows(modes, _per_group(cfg), repeats=repeats,
+                      name=f"{LABEL[method]} mixed batch {kind} MiniLM", tokens=f"{batch_size}x{max_length}",
+                      batch_size=batch_size, method=method, kind=kind)
+
+
+def _per_group(cfg):
+    """``wrap(fn)``: ``fn`` run with ``apply_mixed`` hidden on ``cfg``, so every layer takes the per-group fallback."""
+    def wrap(fn):
+        def run():
+            object.__setattr__(cfg, "apply_mixed", None)
+            try:
+                return fn()
+            finally:
+                object.__delattr__(cfg, "apply_mixed")
+
+        return run
+
+    return wrap
+
+
+def _mode_rows(modes: dict, per_group, *, repeats: int, name: str, tokens: str, batch_size: int, **extra) -> list[dict]:
+    """Time ``modes`` (``{mode: {"one": fn, "eight": fn}}``) with the per-group variant, interleaved; one row per mode."""
     out = []
     for mode, fns in modes.items():
         fns = {**fns, "per-group": per_group(fns["eight"])}
@@ -140,36 +159,112 @@ def mixed_rows(method: str, kind: str, *, batch_size: int, max_length: int, repe
         t8, t1, tg = _stats(samples["eight"]), _stats(samples["one"]), _stats(samples["per-group"])
         ratio = t1["median"] / t8["median"]
         out.append(row(
-            f"{LABEL[method]} mixed batch {kind} MiniLM: {N_ADAPTERS} adapters vs 1, {mode}, "
-            f"{batch_size}x{max_length} tokens",
+            f"{name}: {N_ADAPTERS} adapters vs 1, {mode}, {tokens} tokens",
             t8, t1, ratio=ratio, target=">= 0.9x throughput", met=ratio >= 0.9, measured=f"{ratio:.2f}x throughput",
-            vs="1 adapter", method=method, kind=kind, mode=mode, section="mixed",
+            vs="1 adapter", mode=mode, section="mixed",
             throughput_8=batch_size / t8["median"], throughput_1=batch_size / t1["median"],
             per_group_s=tg["median"], per_group_ratio=t1["median"] / tg["median"],
-            load_average=f"{loads[0]:.1f}-{loads[1]:.1f}",
+            load_average=f"{loads[0]:.1f}-{loads[1]:.1f}", **extra,
         ))
     return out
 
 
-def plan(quick: bool = False) -> list[tuple[str, callable]]:
+def causal_mixed_rows(method: str, *, batch_size: int, block: int, repeats: int, n_layers: int | None = None) -> list[dict]:
+    """Two rows (inference, training) on the nf4 causal LM (SmolLM2-135M, ``benchmarks.causal_lm``'s model): the
+    demo's adapter config on all 210 projections, 8 adapters with random non-identity params of a trained
+    adapter's size, ``batch_size`` blocks of ``block`` tokens of stdlib docstrings, causal-LM loss."""
+    import rotfunc
+    from benchmarks.causal_lm import _batch as lm_batch, _model as lm_model, _randomize
+    from rotfunc.causal_lm import adapter_config, causal_lm_loss
+
+    tok, model = lm_model(n_layers)
+    cfg = adapter_config(method)
+    names = [f"a{i}" for i in range(N_ADAPTERS)]
+    for i, name in enumerate(names):
+        rotfunc.attach(model, cfg, adapter_name=name)
+        rotfunc.load_params(model, _randomize(rotfunc.adapter_params(model, name), seed=i))
+    rotfunc.set_adapter(model, names[0])
+    ids = lm_batch(tok, batch_size, block)
+    per_sample = [names[i % N_ADAPTERS] for i in range(batch_size)]
+    one_params = rotfunc.adapter_params(model, names[0])
+    all_params = {k: v for n in names for k, v in rotfunc.adapter_params(model, n).items()}
+
+    def loss_fn(p, rows):
+        kwargs = {"input_ids": ids, "use_cache": False} | ({} if rows is None else {"adapter_names": rows})
+        return causal_lm_loss(torch.func.functional_call(model, p, args=(), kwargs=kwargs).logits, ids)
+
+    vg = rotfunc.value_and_grad(loss_fn)
+    modes = {
+        "inference": {
+            "one": lambda: model(input_ids=ids, use_cache=False),
+            "eight": lambda: model(input_ids=ids, use_cache=False, adapter_names=per_sample),
+        },
+        "training": {
+            "one": lambda: vg(one_params, None),
+            "eight": lambda: vg(all_params, per_sample),
+        },
+    }
+    depth = "" if n_layers is None else f" ({n_layers} layers)"
+    return _mode_rows(modes, _per_group(cfg), repeats=repeats, name=f"{LABEL[method]} mixed batch nf4 SmolLM2-135M{depth}",
+                      tokens=f"{batch_size}x{block}", batch_size=batch_size, method=method, kind="nf4",
+                      model="SmolLM2-135M")
+
+
+def plan(quick: bool = False, *, models: tuple[str, ...] = ("minilm", "smollm2"),
+         methods: tuple[str, ...] = METHODS) -> list[tuple[str, callable]]:
+    """MiniLM rows (float, int8, nf4), then the causal LM's (nf4; left out of ``quick``: it needs the SmolLM2
+    cache that ``benchmarks --quick`` does not build)."""
     kw = dict(batch_size=8, max_length=8, repeats=1) if quick else dict(batch_size=32, max_length=32, repeats=7)
     kinds = ("nf4",) if quick else KINDS
-    return [(f"mixed {m} {k}", lambda m=m, k=k: mixed_rows(m, k, **kw)) for k in kinds for m in METHODS]
+    out = []
+    if "minilm" in models:
+        out += [(f"mixed {m} {k}", lambda m=m, k=k: mixed_rows(m, k, **kw)) for k in kinds for m in methods]
+    if "smollm2" in models and not quick:
+        out += [(f"mixed {m} nf4 SmolLM2", lambda m=m: causal_mixed_rows(m, **CAUSAL)) for m in methods]
+    return out
 
 
-def rows(quick: bool = False) -> list[dict]:
-    """Benchmark rows (see the module docstring)."""
+def rows(quick: bool = False, **selection) -> list[dict]:
+    """Benchmark rows (see the module docstring); ``selection``: :func:`plan`'s ``models`` / ``methods``."""
     from tqdm.auto import tqdm
 
     torch.set_num_threads(THREADS)
     out = []
-    for _, thunk in tqdm(plan(quick), desc="mixed", file=sys.stderr):
+    for _, thunk in tqdm(plan(quick, **selection), desc="mixed", file=sys.stderr):
         out += thunk()
     return out
+
+
+def main(argv: list[str] | None = None, *, rows_fn=None, columns=None, prog="python -m benchmarks.mixed") -> None:
+    """``python -m benchmarks.mixed [--quick] [--models minilm,smollm2] [--methods road,oft,randlora] [--json F]``
+    (``benchmarks.ensemble`` takes the same arguments)."""
+    import argparse
+    import json
+
+    rows_fn, columns = rows_fn or rows, columns or COLUMNS
+    p = argparse.ArgumentParser(prog=prog)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--models", default="minilm,smollm2")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--json", default=None, help="also write the rows and the machine to this file")
+    a = p.parse_args(argv)
+    machine = _machine()
+    got = rows_fn(a.quick, models=tuple(a.models.split(",")), methods=tuple(a.methods.split(",")))
+    print(format_table(got, columns))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"machine": machine, "rows": got, "load_end": " ".join(f"{v:.2f}" for v in os.getloadavg())},
+                      f, indent=1, default=str)
+
+
+def _machine() -> dict:
+    from benchmarks import report
+
+    return report.machine(threads=THREADS)
 
 
 COLUMNS = ["name", "vs", "rotfunc_s", "rotfunc_spread", "peft_s", "ratio", "per_group_ratio", "measured",
            "target", "met", "load_average"]
 
 if __name__ == "__main__":
-    print(format_table(rows(quick="--quick" in sys.argv[1:]), COLUMNS))
+    main()
