@@ -88,20 +88,39 @@ fused `torch.addmm` into W. RoAD (O(n^2) row-pair mixing) and OFT (64 blocks of 
 limit; their extra is the full-size temporaries of the merge (~50 ms of page faults per fresh 64 MB tensor
 here) and the error report.
 
-**Float merge + unmerge vs two in-place copies of W (<= 2x).** Through the shims a float merge copies W into a
-backup, writes `R W` (RoAD: one `mul(out=)` and one `addcmul_` over the backup's row pairs) or `W R^T` (OFT:
-64 GEMMs of (4096, 64) x (64, 64) into column blocks of W) into W's own storage, and unmerge copies the backup
-back: RoAD makes ~5 passes over 64 MB where the floor makes 4, OFT adds a 2.1 GFLOP product (O(n^2 b)), which
-with one thread on a loaded core is several copies' worth. The backup itself is a fresh weight-sized allocation
-per merge (page faults) unless `unmerge(model, keep_buffers=True)` keeps it for the next merge. Torch's
-`THP_MEM_ALLOC_ENABLE=1` (huge pages for large tensors) helps at 64 MB and hurts at 16 MB: measured here
-(/proc/vmstat around 5 repeats), a 2048^2 `clone()` took 15 ms without it (glibc's dynamic mmap threshold
-serves 16 MB from the already-faulted heap: ~200 page faults per call) and 33 ms with it (torch's 2 MB-aligned
-allocation is returned to the kernel on free and re-faulted: 7 huge-page faults, each zeroing 2 MB, per call);
-at 4096^2 (64 MB, above glibc's 32 MB threshold, so always a fresh mmap) it took 286 ms without it (22k 4 KB
-faults) and 137 ms with it (31 huge-page faults). On a machine whose THP defrag setting makes huge-page faults
-compact memory synchronously, the 16 MB case gets worse still: the 5x slower 2048^2 OFT merge+unmerge seen on
-the Xeon. Reusing the backup (`keep_buffers=True`) avoids the question."""
+**Float merge + unmerge vs two in-place copies of W (<= 2x).** Through the shims a float merge is one pass over
+W: `quant.merge_into` hands the adapter the weight, `out=weight` and a backup buffer, and the adapter copies each
+~512 KiB piece of rows into the backup and merges it from there into W's own storage while it is in cache (RoAD:
+`mul(out=)` + `addcmul_` per piece, the pieces' views made by one `split`/`unbind`, ~10 us per Python-indexed
+view otherwise; OFT: one batched (r, m, b) x (r, b, b) product per piece into a piece-sized scratch, copied
+back); unmerge copies the backup back, bitwise. Against the floor's two copies the cycle is two copies, the
+merge's arithmetic and the backup's allocation. The allocation is what keeps RoAD's default cycle near 2x
+(1.7-2.4x the floor over the runs at load 3-5; the copy-floor row here is one of them): `unmerge` frees the 64 MB
+backup by default, so each merge maps a fresh one and faults it in on first write. With 4 KiB pages that cost ~65
+ms here (16k faults, five copies' worth); `quant._new_backup` advises `MADV_HUGEPAGE` on fresh backups of >= 32
+MiB (~25 ms for the same allocation + copy, 13 ms being the copy; the benchmark process already runs with
+`THP_MEM_ALLOC_ENABLE=1`, which does the same for every large torch tensor), and under load the fault-in of 32
+huge pages still took 10-40 ms per cycle in these runs (the default cycle minus the `keep_buffers=True` one).
+Interleaved runs of the old and the new code at load 3-4 (AMD EPYC, 1 thread; the floor itself moved between 25
+and 49 ms): RoAD without huge pages 4.0-5.8x -> 2.1x the floor, with `THP_MEM_ALLOC_ENABLE=1` 1.75-2.2x -> 1.7x,
+and with `unmerge(keep_buffers=True)` 1.4-1.7x (met). Left for the lead (rotfunc/bind.py): keeping one backup per
+layer by default would make the default cycle the kept one, at the cost of one weight's memory per merged layer
+while unmerged. (Torch's `THP_MEM_ALLOC_ENABLE=1` for all tensors hurts at 16 MB: a 2048^2 `clone()` took 15 ms
+without it, glibc serving 16 MB from the already-faulted heap, and 33 ms with it, torch's 2 MB-aligned allocation
+being unmapped on free and re-faulted; hence the 32 MiB threshold, above which glibc always maps fresh.)
+
+OFT is bound by its product, `W blockdiag(R)^T`: 64 blocks of 64 at 4096^2 is 2.1 GFLOP. Measured on this CPU
+with 1 thread (MKL 2024.2, AVX2): a plain 2048^3 `mm` ran at 58.5 GFLOP/s at load 1.5 (28.5 at load 3.7), and the
+merge's own FLOPs as 64 contiguous, L2-resident (4096, 64) x (64, 64) products at 76.6 GFLOP/s (31.4 at load
+3.7): ~28 ms at the very best, while 2x the floor (~48 ms quiet, two 12 ms copies making the floor) leaves ~24 ms
+for the product after the backup copy and the restore copy. So OFT cannot reach 2x here even with perfect
+overlap. The block product that streams W from memory reaches less: the old 64 column-strip GEMMs (ld = 4096,
+each row of a strip on its own 4 KiB page) 34.6 GFLOP/s at load 1.5 and 10.2 at load 3.7; the row-piece batched
+product now used 38 GFLOP/s at load 1.5 (56 ms with its copy back) and 13.9 at load 3.7 (same run as the 10.2).
+Batched MKL products of (m, 64) x (64, 64) stayed at 2.1-2.6x the contiguous-strip time for m from 16 to 1024,
+strided or copied into contiguous operands first, so the remaining cost is the small-GEMM rate plus streaming 64
+MB through it. OFT's cycle went from 5.05-5.65x to 4.0-4.8x the floor (interleaved, `THP_MEM_ALLOC_ENABLE=1`,
+load 3-3.8) and from 7.6-8.8x to 5.3-5.5x without huge pages."""
 
 _MERGE = """\
 **Merge + unmerge vs PEFT (RoAD >= 100x, OFT >= 30x at 4096^2 fp32).** rotfunc's merges are O(out x in)
@@ -116,9 +135,9 @@ threads under load, `torch.linalg.qr` of 64 blocks of 64x64 took 0.05-4 s (and 0
 3-7 ms with 1 thread: the batched LAPACK loop is barrier-bound. Fixes for the lead: (1) rotfunc/linalg.py,
 `block_inverse`: for blocks < 256 use `torch.linalg.inv` on the batch (10-70 ms for 64 blocks of 64x64 here
 with 2 threads under the same load, 5-9 ms with 1; keep QR for >= 256, where MKL's batched LU failed), or run
-the QR under 1 thread. Float merges through the shims now write into the weight's own storage (one
-backup copy, the merge computed with `out=`, unmerge copies the backup back): no fresh 64 MB result per call,
-see the copy-floor rows."""
+the QR under 1 thread. Float merges through the shims now write into the weight's own storage (the backup
+saved piece by piece on the way, unmerge copies it back): no fresh 64 MB result per call, see the copy-floor
+rows."""
 
 BOUNDS: dict[tuple[str, str | None], str] = {
     ("train", None): _TRAIN,
