@@ -10,23 +10,27 @@ from __future__ import annotations
 __all__ = ["bounds_text", "BOUNDS"]
 
 _TRAIN = """\
-**Training step on the 4-bit MiniLM (time <= 0.8x PEFT, peak <= PEFT).** The functorch grad transform was the
-cost of the old functional step, not the adapters: `torch.func.grad(functional_call)` wraps every op of the
-whole model (on an Intel Xeon: +30 % time, +67 % peak live tensor memory over plain autograd on the same
-model). `rotfunc.value_and_grad` keeps the functional interface and runs plain autograd underneath when no
-`torch.func` transform is active (`rotfunc/train.py`): on the AMD EPYC (1 thread, load 3-6) that took the step
-from 1.02-1.15x PEFT (`torch.func.grad`, same run) to 0.89-1.03x, and its peak resident memory to 0.94-1.00x
-PEFT's (memory target met). Eagerly both sides then run the same base-model matmuls, attention, layer norms and
-nf4 dequantizations (the matmuls alone are ~70 % of either step): 0.8x is out of reach of any eager step.
-Compiling reaches it where inductor can fuse enough: `value_and_grad(loss, compile=True, fullgraph=True)` (no
-graph break: forward by inductor, backward by AOTAutograd) ran at 0.68x PEFT for RoAD, 0.85x for OFT and 0.81x
-for RandLoRA, after a first call of 90-340 s here (the machine was loaded; PEFT_NOTES.md: 21-68 s on a quiet
-Xeon). OFT's per-layer Cayley-Neumann series (4 batched 64x64 products and their adds per layer, twice with
-backward) is what stays unfused. The compiled process's resident peak is 1.12-1.25x PEFT's eager one: the step
-itself adds no resident memory over the warm-up (`rotfunc_step_peak_bytes` 0-11 MB), the excess is the compiler
-and its generated code resident in the process. PEFT + `torch.compile` (the second baseline) compiled with no graph
-break in dynamo's counter (`torch._dynamo.utils.counters["graph_break"]`, torch 2.13; not inspected further)
-and ran at 0.88-0.93x of PEFT eager, after 99-263 s of compiling."""
+**Training step (time <= 0.8x PEFT, peak <= PEFT).** The functorch grad transform was the cost of the old
+functional step, not the adapters: `torch.func.grad(functional_call)` wraps every op of the whole model (on an
+Intel Xeon: +30 % time, +67 % peak live tensor memory over plain autograd on the same model).
+`rotfunc.value_and_grad` keeps the functional interface and runs plain autograd underneath when no `torch.func`
+transform is active: 0.98-1.08x PEFT's time at 0.93-1.00x its peak on the nf4 MiniLM in this run. Eagerly both
+sides run the same base-model matmuls, attention, norms and nf4 dequantizations; a profile of the RoAD step (1
+thread) puts `addmm`/`mm` at 54 % of rotfunc's eager step on MiniLM (~61 GFLOP/s, near this core's AVX2 peak) and
+65 % on SmolLM2 (the 49,152-wide `lm_head` and its backward alone are ~22 % of the FLOPs), the 4-bit
+dequantizations at 5-7 %: those are PEFT's too, so 0.8x needs the rest of the step to shrink to a third.
+Compiling is what fuses the rest. Whole-model `value_and_grad(compile=True)` is fast but keeps the compiled
+whole-model state resident (+60-130 MB, 1.05-1.19x PEFT's peak), and AOTAutograd saved each layer's dequantized
+float weight between forward and backward (the same `dequantize` in both, merged by CSE): fixed, the compiled
+backward now dequantizes through its own op (`rotfunc::quantized_linear_grad_input`). `rotfunc.compile_blocks`
+(regional: one graph per layer class) keeps the peak at PEFT's or below (0.96-1.04x MiniLM, 0.89-0.92x SmolLM2) and
+compiles in 20-30 s. Its time: on SmolLM2 (4x64 tokens, sides in sequence at load 0.7-2.7) 0.88x PEFT for
+RoAD, 0.89x for RandLoRA and 0.50x for OFT (PEFT's OFT rebuilds its Cayley-Neumann blocks unfused); on MiniLM
+0.95-1.00x in this run (load 0.6-2.9, one process per method with every side interleaved), where a standalone
+RoAD comparison on a quieter machine gave 0.55 s against PEFT's 0.63-0.72 s. On these small models the
+remaining gap is the shared matmul floor above; it would take a faster GEMM (bf16 on AMX, not on this CPU) or
+fewer FLOPs, not less overhead. PEFT + `torch.compile` (the second baseline) compiled with no graph break in
+dynamo's counter and ran at 0.85-0.95x of PEFT eager."""
 
 _MIXED = """\
 **Mixed-adapter batch (8 adapters >= 0.9x the throughput of 1, inference and training).** Layers whose adapters
