@@ -48,6 +48,18 @@ CAUSAL = dict(batch_size=16, block=32, repeats=5)  # SmolLM2: 2 blocks of 32 tok
 _MODELS: dict = {}
 
 
+def _mixed_setup(model, names: list[str], batch_size: int) -> tuple[list[str], dict, dict]:
+    """Activate ``names[0]``; return (one adapter name per row, round-robin; the first adapter's params; every
+    adapter's params in one dict): what both the MiniLM and the causal-LM rows compare."""
+    import rotfunc
+
+    rotfunc.set_adapter(model, names[0])
+    per_sample = [names[i % N_ADAPTERS] for i in range(batch_size)]
+    one_params = rotfunc.adapter_params(model, names[0])
+    all_params = {k: v for n in names for k, v in rotfunc.adapter_params(model, n).items()}
+    return per_sample, one_params, all_params
+
+
 def _config(method: str):
     import rotfunc
 
@@ -97,11 +109,8 @@ def mixed_rows(method: str, kind: str, *, batch_size: int, max_length: int, repe
             for k, p in model.named_parameters():
                 if ".rotfunc." in k:
                     p.mul_(0.1)
-    rotfunc.set_adapter(model, names[0])
     batch = _batch(tok, batch_size, max_length)
-    per_sample = [names[i % N_ADAPTERS] for i in range(batch_size)]
-    one_params = rotfunc.adapter_params(model, names[0])
-    all_params = {k: v for n in names for k, v in rotfunc.adapter_params(model, n).items()}
+    per_sample, one_params, all_params = _mixed_setup(model, names, batch_size)
 
     def loss_fn(p, rows):
         kwargs = dict(batch) if rows is None else {**batch, "adapter_names": rows}
@@ -183,11 +192,8 @@ def causal_mixed_rows(method: str, *, batch_size: int, block: int, repeats: int,
     for i, name in enumerate(names):
         rotfunc.attach(model, cfg, adapter_name=name)
         rotfunc.load_params(model, _randomize(rotfunc.adapter_params(model, name), seed=i))
-    rotfunc.set_adapter(model, names[0])
     ids = lm_batch(tok, batch_size, block)
-    per_sample = [names[i % N_ADAPTERS] for i in range(batch_size)]
-    one_params = rotfunc.adapter_params(model, names[0])
-    all_params = {k: v for n in names for k, v in rotfunc.adapter_params(model, n).items()}
+    per_sample, one_params, all_params = _mixed_setup(model, names, batch_size)
 
     def loss_fn(p, rows):
         kwargs = {"input_ids": ids, "use_cache": False} | ({} if rows is None else {"adapter_names": rows})

@@ -340,6 +340,15 @@ def adapter_state(model: nn.Module, /) -> AdapterState:
     return AdapterState() if hub is None else hub.state
 
 
+def in_mixed_batch(module: nn.Module, /) -> bool:
+    """True while the model that ``module`` (a model or any submodule holding adapted layers) belongs to runs a
+    mixed-adapter batch; the state is read from its first adapted layer, which shares the model's hub."""
+    for m in module.modules():
+        if isinstance(m, AdaptedLinear):
+            return m._hub.state.batch is not None
+    return False
+
+
 def adapted_layers(model: nn.Module, /) -> Iterator[tuple[str, AdaptedLinear]]:
     """(path, wrapper) for every :class:`AdaptedLinear` in ``model``."""
     for name, module in model.named_modules():

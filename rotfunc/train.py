@@ -150,17 +150,11 @@ def _is_compiled_forward(f: Any) -> bool:
     return getattr(f, "__func__", None) is _block_forward
 
 
-def _in_mixed_batch(block: nn.Module) -> bool:
-    for m in block.modules():
-        hub = getattr(m, "_hub", None)
-        if hub is not None:
-            return hub.state.batch is not None
-    return False
-
-
 def _block_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    from .bind import in_mixed_batch
+
     compiled, eager = self.__dict__["_rotfunc_compiled_forward"]
-    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling() or _in_mixed_batch(self):
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling() or in_mixed_batch(self):
         return eager(self, *args, **kwargs)
     return compiled(self, *args, **kwargs)
 
