@@ -159,6 +159,101 @@ def _forward_pq(fi: Tensor, si: Tensor, fj: Tensor, sj: Tensor, /) -> tuple[Tens
     return torch.stack((fi, fj), dim=-2), torch.stack((-si, sj), dim=-2)
 
 
+@torch.library.custom_op("rotfunc::road_pq", mutates_args=())
+def _road_pq_op(theta: Tensor, alpha: Tensor, variant: str, group_size: int) -> tuple[Tensor, Tensor]:
+    """:func:`_forward_pq` of the params, as one opaque op for compiled graphs (see :func:`_pq`)."""
+    return _forward_pq(*_cols(RoadParams(theta, alpha), variant=variant, group_size=group_size))
+
+
+@_road_pq_op.register_fake
+def _(theta: Tensor, alpha: Tensor, variant: str, group_size: int) -> tuple[Tensor, Tensor]:
+    shape, dt = _pq_shape(theta, variant, group_size), _compute_dtype(theta.dtype)
+    return theta.new_empty(shape, dtype=dt), theta.new_empty(shape, dtype=dt)
+
+
+def _pq_shape(theta: Tensor, variant: str, group_size: int, /) -> tuple[int, ...]:
+    """The shape of p and q, (*batch, groups, 2, half), for params ``theta`` of shape (*batch, n)."""
+    n = theta.shape[-1]
+    out_features = {"road_1": 2 * n, "road_2": n, "road_4": n // 2}[variant]
+    return (*theta.shape[:-1], out_features // group_size, 2, group_size // 2)
+
+
+@torch.library.custom_op("rotfunc::road_pq_backward", mutates_args=())
+def _road_pq_backward_op(
+    theta: Tensor, alpha: Tensor, grad_p: Tensor, grad_q: Tensor, variant: str, group_size: int
+) -> tuple[Tensor, Tensor]:
+    """The gradients of :func:`_road_pq_op` with respect to ``theta`` and ``alpha``, in closed form: with
+    ``f = alpha cos(theta)`` and ``s = alpha sin(theta)``, ``df = -s dtheta + cos dalpha`` and ``ds = f dtheta
+    + sin dalpha``; ``p = (f_i, f_j)`` and ``q = (-s_i, s_j)`` per group (:func:`_forward_pq`)."""
+    dt = _compute_dtype(theta.dtype)
+    t, a = theta.to(dt), alpha.to(dt)
+    g_s = torch.stack((-grad_q[..., 0, :], grad_q[..., 1, :]), dim=-2)  # d/d(s_i, s_j)
+    if variant == "road_1":  # one (theta, alpha) per pair: f_i = f_j, s_i = s_j
+        g_f, g_s = grad_p.sum(-2).flatten(-2), g_s.sum(-2).flatten(-2)
+        c, s = t.cos(), t.sin()
+        g_t, g_a = a * (g_s * c - g_f * s), g_f * c + g_s * s
+    elif variant == "road_2":  # one per element, laid out as p and q
+        c, s = t.cos(), t.sin()
+        g_f, g_s = grad_p.flatten(-3), g_s.flatten(-3)
+        g_t, g_a = a * (g_s * c - g_f * s), g_f * c + g_s * s
+    else:  # road_4: (groups, 2, group_size), [:, 0] the cosine part, [:, 1] the sine part
+        t4, a4 = t.unflatten(-1, (-1, 2, group_size)), a.unflatten(-1, (-1, 2, group_size))
+        g_f, g_s = grad_p.flatten(-2), g_s.flatten(-2)  # (groups, group_size)
+        c0, s0, c1, s1 = t4[..., 0, :].cos(), t4[..., 0, :].sin(), t4[..., 1, :].cos(), t4[..., 1, :].sin()
+        g_t = torch.stack((-a4[..., 0, :] * s0 * g_f, a4[..., 1, :] * c1 * g_s), dim=-2).flatten(-3)
+        g_a = torch.stack((c0 * g_f, s1 * g_s), dim=-2).flatten(-3)
+    return g_t.to(theta.dtype), g_a.to(alpha.dtype)
+
+
+@_road_pq_backward_op.register_fake
+def _(theta, alpha, grad_p, grad_q, variant, group_size):
+    return torch.empty_like(theta), torch.empty_like(alpha)
+
+
+def _road_pq_setup_context(ctx, inputs, output):
+    theta, alpha, ctx.variant, ctx.group_size = inputs
+    ctx.save_for_backward(theta, alpha)
+
+
+def _road_pq_backward(ctx, grad_p, grad_q):
+    theta, alpha = ctx.saved_tensors
+    shape, dt = _pq_shape(theta, ctx.variant, ctx.group_size), _compute_dtype(theta.dtype)
+    grad_p = theta.new_zeros(shape, dtype=dt) if grad_p is None else grad_p
+    grad_q = theta.new_zeros(shape, dtype=dt) if grad_q is None else grad_q
+    gt, ga = torch.ops.rotfunc.road_pq_backward(theta, alpha, grad_p, grad_q, ctx.variant, ctx.group_size)
+    return gt, ga, None, None
+
+
+_road_pq_op.register_autograd(_road_pq_backward, setup_context=_road_pq_setup_context)
+
+
+def _batched(info, in_dims, tensors):
+    """``tensors`` with their vmapped dim moved to the front (broadcast where it has none)."""
+    return [t.movedim(d, 0) if d is not None else t.expand(info.batch_size, *t.shape) for t, d in zip(tensors, in_dims)]
+
+
+@_road_pq_op.register_vmap
+def _(info, in_dims, theta, alpha, variant, group_size):
+    theta, alpha = _batched(info, in_dims[:2], (theta, alpha))
+    return torch.ops.rotfunc.road_pq(theta, alpha, variant, group_size), (0, 0)
+
+
+@_road_pq_backward_op.register_vmap
+def _(info, in_dims, theta, alpha, grad_p, grad_q, variant, group_size):
+    theta, alpha, grad_p, grad_q = _batched(info, in_dims[:4], (theta, alpha, grad_p, grad_q))
+    return torch.ops.rotfunc.road_pq_backward(theta, alpha, grad_p, grad_q, variant, group_size), (0, 0)
+
+
+def _pq(params: RoadParams, /, *, variant: str, group_size: int) -> tuple[Tensor, Tensor]:
+    """(p, q) of :func:`_forward_pq`. While ``torch.compile`` traces, one opaque op computes them: written as
+    plain ops, inductor inlines ``alpha * cos(theta)`` into the elementwise kernel over the whole output and
+    evaluates a cosine and a sine per output element (per row of the batch) instead of once per feature; on the
+    nf4 MiniLM that made RoAD's fused kernels ~3x the cost of the layer's own GELU/LayerNorm kernels."""
+    if _compiling_plain():
+        return torch.ops.rotfunc.road_pq(params.theta, params.alpha, variant, group_size)
+    return _forward_pq(*_cols(params, variant=variant, group_size=group_size))
+
+
 def _inverse_pq(fi: Tensor, si: Tensor, fj: Tensor, sj: Tensor, det: Tensor, /) -> tuple[Tensor, Tensor]:
     """(p, q) as in :func:`_forward_pq` for the inverse blocks [[f_j, s_i], [-s_j, f_i]] / det."""
     r = det.reciprocal().unsqueeze(-2)
@@ -179,8 +274,47 @@ def _mix_last(p: Tensor, q: Tensor, y: Tensor, /, *, group_size: int) -> Tensor:
         out4[..., 0, :].addcmul_(y4[..., 1, :], q[..., 0, :])
         out4[..., 1, :].addcmul_(y4[..., 0, :], q[..., 1, :])
         return out4.flatten(-3)
+    if needs_grad and (_plain_eager(p, q, y) or _compiling_plain()):
+        return _RoadMix.apply(p, q, y, group_size)
     swapped = torch.stack((y4[..., 1, :], y4[..., 0, :]), dim=-2).flatten(-3)
     return torch.addcmul(y * p.flatten(-3), swapped, q.flatten(-3))
+
+
+def _compiling_plain() -> bool:
+    """True while ``torch.compile`` traces outside any ``torch.func`` transform."""
+    return torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+
+
+class _RoadMix(torch.autograd.Function):
+    """:func:`_mix_last` for plain autograd and compiled graphs, with its backward written out: only ``y`` (and
+    the small ``p``, ``q``) is saved, and the swapped ``y`` is never materialized (``flip`` of the pair axis,
+    which inductor reads in place inside the fused kernel); the backward is ``dy = p g + swap(q g)``,
+    ``dp = sum(y g)``, ``dq = sum(swap(y) g)`` over the batch dims. Differentiable again (its backward is made
+    of differentiable ops), so ``create_graph`` works; ``torch.func`` transforms take the plain ops instead."""
+
+    @staticmethod
+    def forward(p: Tensor, q: Tensor, y: Tensor, group_size: int) -> Tensor:
+        y4 = y.unflatten(-1, (-1, 2, group_size // 2))
+        return (y4 * p + y4.flip(-2) * q).flatten(-3)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        p, q, y, ctx.group_size = inputs
+        ctx.save_for_backward(p, q, y)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        p, q, y = ctx.saved_tensors
+        g4 = g.unflatten(-1, (-1, 2, ctx.group_size // 2))
+        y4 = y.unflatten(-1, (-1, 2, ctx.group_size // 2))
+        gp = gq = gy = None
+        if ctx.needs_input_grad[0]:
+            gp = (y4 * g4).sum_to_size(p.shape)
+        if ctx.needs_input_grad[1]:
+            gq = (y4.flip(-2) * g4).sum_to_size(q.shape)
+        if ctx.needs_input_grad[2]:
+            gy = (g4 * p + (g4 * q).flip(-2)).flatten(-3)
+        return gp, gq, gy, None
 
 
 def _plain_eager(*ts: Tensor) -> bool:
@@ -426,7 +560,7 @@ def apply_road(params: RoadParams, y: Tensor, /, *, variant: str, group_size: in
     _check_statics(variant, group_size, out_features)
     _check_params(params, variant, out_features)
     check_same_dtype_device("params.theta", params.theta, "y", y)
-    p, q = _forward_pq(*_cols(params, variant=variant, group_size=group_size))
+    p, q = _pq(params, variant=variant, group_size=group_size)
     return _mix_last(p.to(y.dtype), q.to(y.dtype), y, group_size=group_size)
 
 

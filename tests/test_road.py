@@ -547,6 +547,89 @@ def test_compile_grad_fullgraph(gen):
     assert got.theta.abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_autograd_path_matches_peft_and_differentiates_twice(variant, gen):
+    """Plain autograd takes rotfunc's own backward (_RoadMix): the grads equal PEFT's autograd in float64, and
+    its backward is itself differentiable (create_graph: gradgradcheck)."""
+    gs, out = 4, 12
+    p = rand_params(out, variant, gs, torch.float64, gen)
+    y = torch.randn(3, 2, out, dtype=torch.float64, generator=gen)
+    w = torch.randn(3, 2, out, dtype=torch.float64, generator=gen)
+    grads = []
+    for f in (lambda t, a, y: apply_road(RoadParams(t, a), y, variant=variant, group_size=gs),
+              lambda t, a, y: peft_road._apply_road(variant, gs, t, a, y)):
+        leaves = [p.theta.clone().requires_grad_(), p.alpha.clone().requires_grad_(), y.clone().requires_grad_()]
+        (f(*leaves) * w).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    theta, alpha = _gc_inputs(variant, gs, 8, gen)
+    yy = torch.randn(2, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda t, a, y: apply_road(RoadParams(t, a), y, variant=variant, group_size=gs), (theta, alpha, yy)
+    )
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compiled_autograd_uses_the_coefficient_op_and_matches_peft(variant, gen):
+    """Under torch.compile (no torch.func transform) the mixing coefficients come from one opaque op, so inductor
+    cannot re-evaluate cos/sin per output element; forward and grads still equal PEFT's float64 autograd."""
+    gs, out = 8, 32
+    p = rand_params(out, variant, gs, torch.float64, gen)
+    y = torch.randn(5, out, dtype=torch.float64, generator=gen)
+    w = torch.randn(5, out, dtype=torch.float64, generator=gen)
+
+    def loss(t, a, y):
+        return (apply_road(RoadParams(t, a), y, variant=variant, group_size=gs) * w).sum()
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch.compile(loss, backend=capture, fullgraph=True)(p.theta, p.alpha, y)
+    assert "rotfunc.road_pq" in graphs[0]
+    grads = []
+    for f in (torch.compile(loss, fullgraph=True),
+              lambda t, a, y: (peft_road._apply_road(variant, gs, t, a, y) * w).sum()):
+        leaves = [p.theta.clone().requires_grad_(), p.alpha.clone().requires_grad_(), y.clone().requires_grad_()]
+        f(*leaves).backward()
+        grads.append([t.grad for t in leaves])
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_coefficient_ops_pass_opcheck_and_vmap(variant, gen):
+    from rotfunc.road import _cols, _forward_pq
+
+    gs = 8
+    p = rand_params(16, variant, gs, torch.float64, gen)
+    theta, alpha = p.theta.requires_grad_(), p.alpha.requires_grad_()
+    torch.library.opcheck(torch.ops.rotfunc.road_pq.default, (theta, alpha, variant, gs))
+    pq = _forward_pq(*_cols(RoadParams(theta, alpha), variant=variant, group_size=gs))
+    gp, gq = torch.randn_like(pq[0]), torch.randn_like(pq[1])
+    expected = torch.autograd.grad(pq, (theta, alpha), (gp, gq))
+    got = torch.ops.rotfunc.road_pq_backward(theta.detach(), alpha.detach(), gp, gq, variant, gs)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(torch.ops.rotfunc.road_pq_backward.default, (theta.detach(), alpha.detach(), gp, gq,
+                                                                       variant, gs))
+    stacked = torch.stack([theta.detach(), theta.detach() * 0.5]), torch.stack([alpha.detach(), alpha.detach()])
+    batched = torch.vmap(lambda t, a: torch.ops.rotfunc.road_pq(t, a, variant, gs))(*stacked)
+    for k in range(2):
+        one = torch.ops.rotfunc.road_pq(stacked[0][k], stacked[1][k], variant, gs)
+        torch.testing.assert_close(batched[0][k], one[0], rtol=0, atol=0)
+        torch.testing.assert_close(batched[1][k], one[1], rtol=0, atol=0)
+    gs_ = torch.stack([gp, 2 * gp]), torch.stack([gq, gq])
+    batched = torch.vmap(lambda t, a, x, z: torch.ops.rotfunc.road_pq_backward(t, a, x, z, variant, gs))(*stacked, *gs_)
+    for k in range(2):
+        one = torch.ops.rotfunc.road_pq_backward(stacked[0][k], stacked[1][k], gs_[0][k], gs_[1][k], variant, gs)
+        torch.testing.assert_close(batched[0][k], one[0], rtol=0, atol=0)
+        torch.testing.assert_close(batched[1][k], one[1], rtol=0, atol=0)
+
+
 def test_dtype_preserved_and_batch_dims(gen):
     for dtype in DTYPES:
         p = rand_params(8, "road_2", 4, dtype, gen)
