@@ -287,15 +287,18 @@ def _compiling_plain() -> bool:
 
 class _RoadMix(torch.autograd.Function):
     """:func:`_mix_last` for plain autograd and compiled graphs, with its backward written out: only ``y`` (and
-    the small ``p``, ``q``) is saved, and the swapped ``y`` is never materialized (``flip`` of the pair axis,
-    which inductor reads in place inside the fused kernel); the backward is ``dy = p g + swap(q g)``,
-    ``dp = sum(y g)``, ``dq = sum(swap(y) g)`` over the batch dims. Differentiable again (its backward is made
-    of differentiable ops), so ``create_graph`` works; ``torch.func`` transforms take the plain ops instead."""
+    the small ``p``, ``q``) is saved, not a swapped copy (:func:`_swap`); the backward is ``dy = p g + swap(q g)``,
+    ``dp = sum(y g)``, ``dq = sum(swap(y) g)`` over the batch dims. Eager autograd runs 2 full-size passes per
+    direction instead of the generic form's 3-4. Differentiable again (its backward is made of differentiable
+    ops), so ``create_graph`` works; ``torch.func`` transforms take the plain ops instead.
+
+    Measured on the nf4 MiniLM training step (AMD EPYC, 1 thread, against PEFT's eager step in the same process):
+    plain autograd 1.00x -> 0.92-0.94x PEFT, ``compile_blocks`` 0.84x -> 0.79x."""
 
     @staticmethod
     def forward(p: Tensor, q: Tensor, y: Tensor, group_size: int) -> Tensor:
         y4 = y.unflatten(-1, (-1, 2, group_size // 2))
-        return (y4 * p + y4.flip(-2) * q).flatten(-3)
+        return (y4 * p + _swap(y4) * q).flatten(-3)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -311,10 +314,21 @@ class _RoadMix(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gp = (y4 * g4).sum_to_size(p.shape)
         if ctx.needs_input_grad[1]:
-            gq = (y4.flip(-2) * g4).sum_to_size(q.shape)
+            gq = (_swap(y4) * g4).sum_to_size(q.shape)
         if ctx.needs_input_grad[2]:
-            gy = (g4 * p + (g4 * q).flip(-2)).flatten(-3)
+            gy = (g4 * p + _swap(g4 * q)).flatten(-3)
         return gp, gq, gy, None
+
+
+def _swap(t4: Tensor, /) -> Tensor:
+    """``t4`` ("... 2 half") with its two halves exchanged. Eager: ``flip`` (one copy). While compiling: a
+    ``where`` between the two broadcast halves, which AOTAutograd may recompute in the backward (``flip`` is not
+    on its list of recomputable ops, so it would save a swapped copy of every layer's output) and inductor reads
+    in place inside the fused kernel."""
+    if not torch.compiler.is_compiling():
+        return t4.flip(-2)
+    first = torch.arange(2, device=t4.device).unsqueeze(-1) == 0
+    return torch.where(first, t4[..., 1:, :], t4[..., :1, :])
 
 
 def _plain_eager(*ts: Tensor) -> bool:
