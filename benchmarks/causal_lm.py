@@ -11,6 +11,10 @@ non-identity params the size of a trained adapter's. Rows per method:
   ``Linear4bit``). Each (method, side) runs in a fresh subprocess (``python -m benchmarks.causal_lm --worker
   SIDE METHOD``); time is the median over the timed steps after one warm-up step, peak memory the process's
   resident high-water mark over the timed steps (model included, the same on both sides).
+* **train step, value_and_grad**: ``rotfunc.value_and_grad`` + ``rotfunc.adam`` (plain autograd underneath), on
+  the eager layers and on layers compiled by ``rotfunc.compile_blocks``, against the same PEFT step. Time: the
+  three sides built in one subprocess and stepped in turn for 5 rounds (medians), so load from other jobs hits
+  them alike; peak memory: each side in a fresh subprocess, as above.
 * **merge into nf4**: ``rotfunc.merge`` of all 210 layers against the floor any merge into nf4 pays, a bare
   dequantize + requantize of the same 210 layers; PEFT's ``merge_adapter`` on the same model is in the notes.
 * **generation**: greedy decoding of 32 new tokens from one prompt with the KV cache, tokens/s: rotfunc with the
@@ -122,54 +126,60 @@ def _batch(tok, batch: int, block: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------- train step
 
 
-def step_stats(side: str, method: str, *, batch: int, block: int, repeats: int, n_layers: int | None) -> dict:
-    """Time and peak RSS of training steps of ``side`` ("rotfunc" or "peft"), in this process."""
-    import tempfile
-
+def _build_step(side: str, method: str, tmp: str, *, batch: int, block: int, n_layers: int | None):
+    """(one training step of ``side``, its trainable parameter count), built in this process: "rotfunc"
+    (torch.func.grad alone), "rotfunc_autograd" (rotfunc.value_and_grad + rotfunc.adam), "rotfunc_blocks" (the
+    same on layers compiled by rotfunc.compile_blocks; the first step compiles) or "peft" (``loss.backward()``)."""
     from rotfunc.causal_lm import causal_lm_loss
+
+    if side in ("rotfunc", "rotfunc_autograd", "rotfunc_blocks"):
+        import rotfunc
+
+        tok, model = _rotfunc_model(method, n_layers)
+        if side == "rotfunc_blocks":  # regional compilation of the decoder layers; the warm-up step compiles
+            rotfunc.compile_blocks(model, fullgraph=True)
+        params = rotfunc.adapter_params(model)
+        ids = _batch(tok, batch, block)
+
+        def loss_fn(p):
+            out = torch.func.functional_call(model, p, args=(), kwargs={"input_ids": ids, "use_cache": False})
+            return causal_lm_loss(out.logits, ids)
+
+        # "rotfunc_autograd": rotfunc.value_and_grad (plain autograd underneath) + rotfunc.adam, as a training
+        # loop would run it ("rotfunc_blocks": the same on compiled layers); "rotfunc": torch.func.grad alone
+        vg, opt = rotfunc.value_and_grad(loss_fn), rotfunc.adam(1e-3)
+        g = torch.func.grad(loss_fn)
+        state = {"params": params, "opt": opt.init(params)}
+
+        def step():
+            if side == "rotfunc":
+                g(params)
+                return
+            _, grads = vg(state["params"])
+            state["params"], state["opt"] = opt.update(grads, state["opt"], state["params"])
+
+        return step, rotfunc.num_trainable(model)
+    tok, pm = _peft_model(method, n_layers, tmp)
+    pm.train()
+    ids = _batch(tok, batch, block)
+    trainable = [p for p in pm.parameters() if p.requires_grad]
+
+    def step():
+        with quiet():
+            causal_lm_loss(pm(input_ids=ids, use_cache=False).logits, ids).backward()
+        for p in trainable:
+            p.grad = None
+
+    return step, sum(p.numel() for p in trainable)
+
+
+def step_stats(side: str, method: str, *, batch: int, block: int, repeats: int, n_layers: int | None) -> dict:
+    """Time and peak RSS of training steps of ``side`` (see :func:`_build_step`), in this process."""
+    import tempfile
 
     torch.set_num_threads(THREADS)
     with tempfile.TemporaryDirectory() as tmp:
-        if side in ("rotfunc", "rotfunc_autograd", "rotfunc_blocks"):
-            import rotfunc
-
-            tok, model = _rotfunc_model(method, n_layers)
-            if side == "rotfunc_blocks":  # regional compilation of the decoder layers; the warm-up step compiles
-                rotfunc.compile_blocks(model, fullgraph=True)
-            params = rotfunc.adapter_params(model)
-            ids = _batch(tok, batch, block)
-
-            def loss_fn(p):
-                out = torch.func.functional_call(model, p, args=(), kwargs={"input_ids": ids, "use_cache": False})
-                return causal_lm_loss(out.logits, ids)
-
-            # "rotfunc_autograd": rotfunc.value_and_grad (plain autograd underneath) + rotfunc.adam, as a training
-            # loop would run it ("rotfunc_blocks": the same on compiled layers); "rotfunc": torch.func.grad alone
-            vg, opt = rotfunc.value_and_grad(loss_fn), rotfunc.adam(1e-3)
-            g = torch.func.grad(loss_fn)
-            state = {"params": params, "opt": opt.init(params)}
-
-            def step():
-                if side == "rotfunc":
-                    g(params)
-                    return
-                _, grads = vg(state["params"])
-                state["params"], state["opt"] = opt.update(grads, state["opt"], state["params"])
-
-            n_params = rotfunc.num_trainable(model)
-        else:
-            tok, pm = _peft_model(method, n_layers, tmp)
-            pm.train()
-            ids = _batch(tok, batch, block)
-            trainable = [p for p in pm.parameters() if p.requires_grad]
-
-            def step():
-                with quiet():
-                    causal_lm_loss(pm(input_ids=ids, use_cache=False).logits, ids).backward()
-                for p in trainable:
-                    p.grad = None
-
-            n_params = sum(p.numel() for p in trainable)
+        step, n_params = _build_step(side, method, tmp, batch=batch, block=block, n_layers=n_layers)
         t0 = time.perf_counter()
         step()  # warm-up (the compile, for "rotfunc_blocks")
         first_s = time.perf_counter() - t0
@@ -186,6 +196,33 @@ def step_stats(side: str, method: str, *, batch: int, block: int, repeats: int, 
             times.append(time.perf_counter() - t0)
     t = {"median": statistics.median(times), "min": min(times), "max": max(times), "n": repeats}
     return {"time": t, "peak_bytes": _status_kb("VmHWM") * 1024, "trainable_params": n_params, "first_s": first_s}
+
+
+def interleaved_times(method: str, *, sides: list[str], batch: int, block: int, rounds: int,
+                      n_layers: int | None) -> dict:
+    """Per side: first-call seconds and the step times of ``rounds`` rounds in which every side takes one step in
+    turn, all in this process (so load from other jobs hits all sides alike); medians over the rounds."""
+    import tempfile
+
+    torch.set_num_threads(THREADS)
+    steps, out = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for side in sides:
+            step, _ = _build_step(side, method, tmp, batch=batch, block=block, n_layers=n_layers)
+            t0 = time.perf_counter()
+            step()
+            out[side] = {"first_s": time.perf_counter() - t0, "times": []}
+            step()
+            steps[side] = step
+        for _ in range(rounds):
+            for side, step in steps.items():
+                t0 = time.perf_counter()
+                step()
+                out[side]["times"].append(time.perf_counter() - t0)
+    for side in sides:
+        ts = out[side].pop("times")
+        out[side]["time"] = {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": len(ts)}
+    return out
 
 
 def _in_subprocess(side: str, method: str, **kw) -> dict:
@@ -327,26 +364,40 @@ def generation_row(method: str, *, quick: bool) -> dict:
 # ------------------------------------------------------------------------------------------------------- plan
 
 
+_INTERLEAVED: dict = {}
+
+
 def autograd_train_row(method: str, *, quick: bool, side: str = "rotfunc_autograd") -> dict:
-    """rotfunc.value_and_grad + rotfunc.adam (``step_stats`` side "rotfunc_autograd", or "rotfunc_blocks" on
-    layers compiled by ``rotfunc.compile_blocks``) against PEFT's ``loss.backward()`` (without an optimizer step:
-    PEFT's side as in :func:`train_row`), fresh subprocess each."""
-    kw = dict(batch=2, block=8, repeats=1, n_layers=2) if quick else dict(batch=BATCH, block=BLOCK, repeats=3, n_layers=None)
-    run = (lambda side: step_stats(side, method, **kw)) if quick else (lambda side: _in_subprocess(side, method, **kw))
+    """rotfunc.value_and_grad + rotfunc.adam (side "rotfunc_autograd", or "rotfunc_blocks" on layers compiled by
+    ``rotfunc.compile_blocks``) against PEFT's ``loss.backward()`` (without an optimizer step: PEFT's side as in
+    :func:`train_row`). Time: both rotfunc sides and PEFT's interleaved in one process (:func:`interleaved_times`,
+    one run per method shared by the two rows); peak: each side in a fresh subprocess."""
+    kw = dict(batch=2, block=8, n_layers=2) if quick else dict(batch=BATCH, block=BLOCK, n_layers=None)
+    rounds = 1 if quick else 5
     what = "rotfunc.value_and_grad + adam" + (" + compile_blocks" if side == "rotfunc_blocks" else "")
     name = f"{LABEL[method]} train step nf4 SmolLM2-135M, batch {kw['batch']}x{kw['block']}: {what}"
     extra = dict(vs="PEFT", method=method, kind="nf4", section="causal_lm", batch=f"{kw['batch']}x{kw['block']}")
     target = "time <= 0.8x PEFT and peak <= PEFT"
+    sides = ["peft", "rotfunc_autograd", "rotfunc_blocks"]
     try:
-        r, p = run(side), run("peft")
+        key = (method, quick)
+        if key not in _INTERLEAVED:
+            args = dict(sides=sides, rounds=rounds, **kw)
+            _INTERLEAVED[key] = (interleaved_times(method, **args) if quick
+                                 else _in_subprocess("interleaved", method, **args))
+        timed = _INTERLEAVED[key]
+        mem = (lambda s: step_stats(s, method, repeats=1, **kw)) if quick else (
+            lambda s: _in_subprocess(s, method, repeats=1, **kw))
+        r, p = mem(side), mem("peft")
     except Exception as e:  # a failing side is a result
         return row(name, None, None, target=target, met=False, measured=f"fails: {error_text(e)}", **extra)
-    time_ratio, mem_ratio = r["time"]["median"] / p["time"]["median"], r["peak_bytes"] / p["peak_bytes"]
-    return row(name, r["time"], p["time"], target=target, met=bool(time_ratio <= 0.8 and mem_ratio <= 1.0),
+    t_r, t_p = timed[side]["time"], timed["peft"]["time"]
+    time_ratio, mem_ratio = t_r["median"] / t_p["median"], r["peak_bytes"] / p["peak_bytes"]
+    return row(name, t_r, t_p, target=target, met=bool(time_ratio <= 0.8 and mem_ratio <= 1.0),
                measured=f"time {time_ratio:.2f}x PEFT, peak {mem_ratio:.2f}x PEFT", rotfunc_peak_bytes=r["peak_bytes"],
                peft_peak_bytes=p["peak_bytes"], time_ratio=time_ratio, mem_ratio=mem_ratio,
-               notes=f"first call {r['first_s']:.1f} s" + (" (the compile)" if side == "rotfunc_blocks" else ""),
-               **extra)
+               notes=f"first call {timed[side]['first_s']:.1f} s" + (" (the compile)" if side == "rotfunc_blocks" else "")
+               + f"; {t_r['n']} interleaved rounds", **extra)
 
 
 def plan(quick: bool = False) -> list[tuple[str, callable]]:
@@ -375,6 +426,9 @@ COLUMNS = ["name", "vs", "rotfunc_s", "rotfunc_spread", "peft_s", "peft_spread",
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         side, method, kw = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-        print(json.dumps(step_stats(side, method, **kw)))
+        if side == "interleaved":
+            print(json.dumps(interleaved_times(method, **kw)))
+        else:
+            print(json.dumps(step_stats(side, method, **kw)))
     else:
         print(format_table(rows(quick="--quick" in sys.argv[1:]), COLUMNS))
