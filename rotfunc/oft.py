@@ -46,6 +46,7 @@ from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Sequence
 import torch
 from einops import rearrange
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checks import check_choice, check_float, check_same_device
 from .adapter import normalize_layer_selection, peft_dict, peft_kwargs, register
@@ -180,6 +181,40 @@ def _rotations(
     if use_cayley_neumann:
         return cayley_neumann(Q, num_terms=num_cayley_neumann_terms)
     return cayley(Q)
+
+
+# Inference cache of the rotation blocks, per parameter tensor (entries go with the tensor): the Cayley(-Neumann)
+# evaluation is a fixed function of q, and without grad nothing needs it recomputed each call. A hit needs the
+# same statics and q bitwise equal to the copy taken when the blocks were built (torch.equal: one read of q,
+# which also catches writes through .data that leave q's version counter unchanged).
+_BLOCK_CACHE = WeakIdKeyDictionary()
+
+
+def _cacheable(q: Tensor) -> bool:
+    """True where cached blocks can stand in for fresh ones: plain eager (no torch.func wrapper or transform,
+    not compiling), no autograd graph to build through ``q``, and outside inference mode (an inference tensor
+    cached there would fail in a later autograd call that saves it)."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return False
+    if torch.is_grad_enabled() and q.requires_grad:
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    return not torch._C._functorch.is_functorch_wrapped_tensor(q)
+
+
+def _cached_rotations(q: Tensor, **statics: Any) -> Tensor:
+    """:func:`_rotations`, from the inference cache where :func:`_cacheable` allows (the caller must not write
+    into the result)."""
+    if not _cacheable(q):
+        return _rotations(q, **statics)
+    key = (tuple(sorted(statics.items())), q.dtype, tuple(q.shape), q.device)
+    hit = _BLOCK_CACHE.get(q)
+    if hit is not None and hit[0] == key and torch.equal(hit[1], q):
+        return hit[2]
+    R = _rotations(q, **statics)
+    _BLOCK_CACHE[q] = (key, q.detach().clone(), R)
+    return R
 
 
 # bytes of weight rows one step of a merge into ``out`` reads: the rows (and their backup, and the product)
@@ -398,7 +433,7 @@ def oft_rotate(
     if not isinstance(module_dropout, (int, float)) or not 0.0 <= module_dropout <= 1.0:
         raise ValueError(f"module_dropout={module_dropout!r} must be in [0, 1]")
     q = params.q
-    R = _rotations(
+    R = _cached_rotations(
         q, block_size=block_size, use_cayley_neumann=use_cayley_neumann,
         num_cayley_neumann_terms=num_cayley_neumann_terms, coft=coft, eps=eps,
     )
@@ -741,8 +776,11 @@ class OFTConfig:
             check_same_device(("params.q", p.q), ("x", x))
             _check_q(p.q, in_features, b, self.block_share)
             qs.append(p.q)
-        if self.coft:  # the projection radius depends on each group's own rows: one group at a time
-            built = [oft_blocks(OFTParams(q), **statics) for q in qs]
+        rot_statics = {k: statics[k] for k in ("block_size", "use_cayley_neumann", "num_cayley_neumann_terms",
+                                                 "coft", "eps")}
+        if self.coft or all(_cacheable(q) for q in qs):  # one group at a time: COFT's projection radius depends
+            # on each group's own rows; without grad, each group's blocks come from the inference cache
+            built = [_cached_rotations(q, **rot_statics) for q in qs]
         else:  # every group's blocks in one batched Cayley(-Neumann) evaluation
             built = list(oft_blocks(OFTParams(torch.stack(qs).flatten(0, 1)), **{**statics, "block_share": False})
                          .unflatten(0, (len(qs), -1)))

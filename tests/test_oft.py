@@ -518,3 +518,35 @@ def test_bad_inputs_name_values():
         OFTConfig(bias="some")
     with pytest.raises(ValueError, match=r"x has shape=\(2, 12\), expected \(\.\.\., in_features=8\)"):
         OFTConfig(oft_block_size=4).apply(good, x, lambda z: z, in_features=8, out_features=8)
+
+
+def test_inference_cache_reuses_blocks_and_sees_every_write(gen):
+    """Without grad the rotation blocks are cached per q; a hit needs q bitwise unchanged, so writes that leave
+    q's version counter alone (``q.data.copy_``) still give fresh blocks. With grad, or in inference mode,
+    nothing is cached."""
+    from rotfunc.oft import _BLOCK_CACHE, _cached_rotations
+
+    b, in_f = 8, 32
+    q = (0.3 * torch.randn(in_f // b, b * (b - 1) // 2, generator=gen)).requires_grad_()
+    x = torch.randn(5, in_f, generator=gen)
+    statics = dict(block_size=b, use_cayley_neumann=True, num_cayley_neumann_terms=5, coft=False, eps=6e-5)
+
+    def fresh(q):
+        with torch.enable_grad():
+            return oft_rotate(OFTParams(q.detach().clone()), x, block_size=b).detach()
+
+    with torch.no_grad():
+        first = oft_rotate(OFTParams(q), x, block_size=b)
+        assert q in _BLOCK_CACHE
+        assert _cached_rotations(q, **statics) is _cached_rotations(q, **statics)  # a hit returns the cached blocks
+        torch.testing.assert_close(first, fresh(q), rtol=0, atol=0)
+        q.data.copy_(0.5 * torch.randn(q.shape, generator=gen))  # no version bump
+        torch.testing.assert_close(oft_rotate(OFTParams(q), x, block_size=b), fresh(q), rtol=0, atol=0)
+        q.add_(0.1)  # in place, version bump
+        torch.testing.assert_close(oft_rotate(OFTParams(q), x, block_size=b), fresh(q), rtol=0, atol=0)
+    _BLOCK_CACHE.clear()
+    out = oft_rotate(OFTParams(q), x, block_size=b)  # grad enabled and q requires grad: built fresh, differentiable
+    assert out.requires_grad and q not in _BLOCK_CACHE
+    with torch.inference_mode():
+        oft_rotate(OFTParams(q), x, block_size=b)
+    assert q not in _BLOCK_CACHE
