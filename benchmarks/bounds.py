@@ -14,23 +14,29 @@ _TRAIN = """\
 functional step, not the adapters: `torch.func.grad(functional_call)` wraps every op of the whole model (on an
 Intel Xeon: +30 % time, +67 % peak live tensor memory over plain autograd on the same model).
 `rotfunc.value_and_grad` keeps the functional interface and runs plain autograd underneath when no `torch.func`
-transform is active: 0.98-1.08x PEFT's time at 0.93-1.00x its peak on the nf4 MiniLM in this run. Eagerly both
-sides run the same base-model matmuls, attention, norms and nf4 dequantizations; a profile of the RoAD step (1
-thread) puts `addmm`/`mm` at 54 % of rotfunc's eager step on MiniLM (~61 GFLOP/s, near this core's AVX2 peak) and
-65 % on SmolLM2 (the 49,152-wide `lm_head` and its backward alone are ~22 % of the FLOPs), the 4-bit
-dequantizations at 5-7 %: those are PEFT's too, so 0.8x needs the rest of the step to shrink to a third.
-Compiling is what fuses the rest. Whole-model `value_and_grad(compile=True)` is fast but keeps the compiled
-whole-model state resident (+60-130 MB, 1.05-1.19x PEFT's peak), and AOTAutograd saved each layer's dequantized
-float weight between forward and backward (the same `dequantize` in both, merged by CSE): fixed, the compiled
-backward now dequantizes through its own op (`rotfunc::quantized_linear_grad_input`). `rotfunc.compile_blocks`
-(regional: one graph per layer class) keeps the peak at PEFT's or below (0.96-1.04x MiniLM, 0.89-0.92x SmolLM2) and
-compiles in 20-30 s. Its time: on SmolLM2 (4x64 tokens, sides in sequence at load 0.7-2.7) 0.88x PEFT for
-RoAD, 0.89x for RandLoRA and 0.50x for OFT (PEFT's OFT rebuilds its Cayley-Neumann blocks unfused); on MiniLM
-0.95-1.00x in this run (load 0.6-2.9, one process per method with every side interleaved), where a standalone
-RoAD comparison on a quieter machine gave 0.55 s against PEFT's 0.63-0.72 s. On these small models the
-remaining gap is the shared matmul floor above; it would take a faster GEMM (bf16 on AMX, not on this CPU) or
-fewer FLOPs, not less overhead. PEFT + `torch.compile` (the second baseline) compiled with no graph break in
-dynamo's counter and ran at 0.85-0.95x of PEFT eager."""
+transform is active: 0.98-1.01x PEFT's time at 0.94-0.98x its peak on the nf4 MiniLM in this run. **The floor**
+(measured on this CPU, 1 thread, PEFT's RoAD step interleaved in the same process, 9-15 rounds): the frozen nf4
+MiniLM's own forward + backward with no adapter at all (grads flowing from the first layer's q/k/v outputs, the
+same matmuls, attention and dequantizations any adapter's step runs) took 0.64-0.76x PEFT's RoAD step eagerly and
+0.64-0.69x with `compile_blocks`; for OFT 0.63-0.64x, for RandLoRA 0.37x (PEFT's RandLoRA step is 2.7x the bare
+model's: its update adds matmuls the size of the base's). So 0.8x leaves RoAD 0.11-0.16x of PEFT's step for its
+own work, and OFT 0.16x for three extra block matmuls per layer (`(r, N, b) @ (r, b, b)`: ~19 % more GEMM FLOPs on
+MiniLM at about 40 instead of 60 GFLOP/s) plus its Cayley-Neumann series; RandLoRA's extra matmuls are PEFT's too
+(rotfunc 790 ms of `mm` per step against PEFT's 829), so 0.8x needs fewer FLOPs, e.g. folding the update into the
+dequantized weight on large batches (not built). What compiling fuses: on RoAD, inductor had inlined `alpha *
+cos(theta)` into every elementwise kernel (a cosine and a sine per output element per row) and AOTAutograd saved a
+swapped copy of every output; RoAD now has its own backward (`_RoadMix`, saving only the layer output) and one
+opaque coefficient op under compile (`rotfunc::road_pq`), which took the RoAD step from 0.84x to 0.79x PEFT with
+`compile_blocks` and from 1.00x to 0.92-0.94x with plain autograd in 5-side interleaved runs (15 rounds) -- and to
+0.91x / 1.01x in this 6-side run, whose rounds spread by +-15 % (PEFT 0.49-0.65 s). The Cayley-Neumann series now
+takes 2 block products instead of 3. Whole-model `value_and_grad(compile=True)` is 0.89x for all three but keeps
+the compiled state resident (1.06-1.19x PEFT's peak); the compiled backward dequantizes through its own op
+(`rotfunc::quantized_linear_grad_input`) so AOTAutograd cannot keep float weights. `compile_blocks` keeps the peak
+at 0.93-1.03x PEFT's and compiles in 7-26 s (warm cache). On SmolLM2 (4x64 tokens, session-3 code, sides in
+sequence) `compile_blocks` ran at 0.88x (RoAD), 0.50x (OFT: PEFT's OFT rebuilds its blocks unfused), 0.89x
+(RandLoRA); interleaved in one process this session the RoAD sides were 0.9-1.0x, with rounds spread +-15 %. PEFT +
+`torch.compile` (the second baseline) compiled with no graph break in dynamo's counter and ran at 0.88-0.98x of
+PEFT eager."""
 
 _MIXED = """\
 **Mixed-adapter batch (8 adapters >= 0.9x the throughput of 1, inference and training).** Layers whose adapters
