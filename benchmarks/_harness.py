@@ -31,6 +31,19 @@ def timeit(fn: Callable[[], object], /, *, repeats: int = 5, warmup: int = 1) ->
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "n": repeats}
 
 
+def interleaved_rounds(steps: dict[str, Callable[[], object]], rounds: int, /) -> dict[str, dict]:
+    """Per side of ``steps`` (name -> thunk, warmed up): the times of ``rounds`` rounds in which every side runs
+    once in turn (so load from other jobs hits all sides alike), as median/min/max/n."""
+    times: dict[str, list[float]] = {side: [] for side in steps}
+    for _ in range(rounds):
+        for side, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[side].append(time.perf_counter() - t0)
+    return {side: {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": len(ts)}
+            for side, ts in times.items()}
+
+
 def _status_kb(key: str) -> int:
     with open("/proc/self/status") as f:
         return int(re.search(key + r":\s+(\d+)", f.read()).group(1))

@@ -37,7 +37,7 @@ import time
 import torch
 
 from benchmarks._common import LABEL, METHODS, THREADS, error_text, quiet, row
-from benchmarks._harness import _status_kb, format_table
+from benchmarks._harness import _status_kb, format_table, interleaved_rounds
 
 __all__ = ["rows", "plan", "COLUMNS"]
 
@@ -211,17 +211,11 @@ def interleaved_times(method: str, *, sides: list[str], batch: int, block: int, 
             step, _ = _build_step(side, method, tmp, batch=batch, block=block, n_layers=n_layers)
             t0 = time.perf_counter()
             step()
-            out[side] = {"first_s": time.perf_counter() - t0, "times": []}
+            out[side] = {"first_s": time.perf_counter() - t0}
             step()
             steps[side] = step
-        for _ in range(rounds):
-            for side, step in steps.items():
-                t0 = time.perf_counter()
-                step()
-                out[side]["times"].append(time.perf_counter() - t0)
-    for side in sides:
-        ts = out[side].pop("times")
-        out[side]["time"] = {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": len(ts)}
+        for side, t in interleaved_rounds(steps, rounds).items():
+            out[side]["time"] = t
     return out
 
 

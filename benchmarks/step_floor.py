@@ -13,13 +13,12 @@ figures are quoted in ``benchmarks/bounds.py`` (what bounds the training step).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from benchmarks import train
 from benchmarks._common import THREADS
+from benchmarks._harness import interleaved_rounds
 
 
 def floor_step(*, compiled: bool, batch_size: int = 16, max_length: int = 32):
@@ -58,17 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     for step in steps.values():  # warm-up (compiles)
         step()
         step()
-    times = {side: [] for side in steps}
-    for _ in range(a.rounds):
-        for side, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[side].append(time.perf_counter() - t0)
-    peft = statistics.median(times["peft"])
+    times = interleaved_rounds(steps, a.rounds)
+    peft = times["peft"]
     print(f"| {a.method} nf4 MiniLM 16x32 | median s | vs PEFT | min vs PEFT's min |\n|---|---|---|---|")
-    for side, ts in times.items():
-        m = statistics.median(ts)
-        print(f"| {side} | {m:.3f} | {m / peft:.2f}x | {min(ts) / min(times['peft']):.2f}x |")
+    for side, t in times.items():
+        print(f"| {side} | {t['median']:.3f} | {t['median'] / peft['median']:.2f}x | {t['min'] / peft['min']:.2f}x |")
 
 
 if __name__ == "__main__":

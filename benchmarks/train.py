@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -45,7 +44,7 @@ import time
 import torch
 
 from benchmarks._common import LABEL, METHODS, THREADS, configs, quiet, row
-from benchmarks._harness import _status_kb, format_table, peak_rss_bytes
+from benchmarks._harness import _status_kb, format_table, interleaved_rounds, peak_rss_bytes
 
 __all__ = ["rows", "COLUMNS", "build_step"]
 
@@ -168,22 +167,15 @@ def time_sides(method: str, *, batch_size: int, max_length: int, rounds: int, si
             first = time.perf_counter() - t0
             step()  # a second warm-up (a compiled side may recompile once on its second call)
             steps[side] = step
-            out[side] = {"first_s": first, "graph_breaks": _graph_breaks() - breaks, "trainable_params": n,
-                         "times": []}
+            out[side] = {"first_s": first, "graph_breaks": _graph_breaks() - breaks, "trainable_params": n}
             if not steps.keys() - {side}:  # the first side built: nothing else allocated yet, as a fresh process
                 out[side]["step_peak_bytes"] = peak_rss_bytes(step)  # resets the high-water mark
                 step()
                 out[side]["peak_bytes"] = _status_kb("VmHWM") * 1024
         except Exception as e:  # a failing side is a result
             out[side] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"}
-    for _ in range(rounds):
-        for side, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            out[side]["times"].append(time.perf_counter() - t0)
-    for side in steps:
-        ts = out[side].pop("times")
-        out[side]["time"] = {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": len(ts)}
+    for side, t in interleaved_rounds(steps, rounds).items():
+        out[side]["time"] = t
     return out
 
 
