@@ -32,9 +32,10 @@ opaque coefficient op under compile (`rotfunc::road_pq`), which took the RoAD st
 takes 2 block products instead of 3. Whole-model `value_and_grad(compile=True)` is 0.89x for all three but keeps
 the compiled state resident (1.06-1.19x PEFT's peak); the compiled backward dequantizes through its own op
 (`rotfunc::quantized_linear_grad_input`) so AOTAutograd cannot keep float weights. `compile_blocks` keeps the peak
-at 0.93-1.03x PEFT's and compiles in 7-26 s (warm cache). On SmolLM2 (4x64 tokens, session-3 code, sides in
-sequence) `compile_blocks` ran at 0.88x (RoAD), 0.50x (OFT: PEFT's OFT rebuilds its blocks unfused), 0.89x
-(RandLoRA); interleaved in one process this session the RoAD sides were 0.9-1.0x, with rounds spread +-15 %. PEFT +
+at 0.93-1.03x PEFT's and compiles in 7-26 s (warm cache). On SmolLM2 (4x64 tokens, the sides interleaved in one process) `compile_blocks`
+ran at 0.93x (RoAD), 1.02x (OFT), 0.85x (RandLoRA) of PEFT's time; the 0.88x / 0.50x / 0.89x reported before came
+from sides run in separate processes one after another, which load on this shared machine moved by +-15 % and
+more. There the 49,152-wide `lm_head` and its backward are ~22 % of the FLOPs, shared with PEFT. PEFT +
 `torch.compile` (the second baseline) compiled with no graph break in dynamo's counter and ran at 0.88-0.98x of
 PEFT eager."""
 
