@@ -189,12 +189,7 @@ def step_stats(side: str, method: str, *, batch: int, block: int, repeats: int, 
                 f.write("5")  # reset the resident high-water mark
         except OSError:
             pass
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-    t = {"median": statistics.median(times), "min": min(times), "max": max(times), "n": repeats}
+        t = interleaved_rounds({side: step}, repeats)[side]
     return {"time": t, "peak_bytes": _status_kb("VmHWM") * 1024, "trainable_params": n_params, "first_s": first_s}
 
 

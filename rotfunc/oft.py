@@ -48,7 +48,7 @@ from einops import rearrange
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._checks import check_choice, check_float, check_same_device
+from ._checks import check_choice, check_float, check_same_device, plain_eager
 from .adapter import normalize_layer_selection, peft_dict, peft_kwargs, register
 from .linalg import block_inverse, cayley, cayley_neumann, skew
 
@@ -194,13 +194,9 @@ def _cacheable(q: Tensor) -> bool:
     """True where cached blocks can stand in for fresh ones: plain eager (no torch.func wrapper or transform,
     not compiling), no autograd graph to build through ``q``, and outside inference mode (an inference tensor
     cached there would fail in a later autograd call that saves it)."""
-    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+    if not plain_eager(q) or torch._C._are_functorch_transforms_active():  # first: compiling can't trace the rest
         return False
-    if torch.is_grad_enabled() and q.requires_grad:
-        return False
-    if torch._C._are_functorch_transforms_active():
-        return False
-    return not torch._C._functorch.is_functorch_wrapped_tensor(q)
+    return not (torch.is_inference_mode_enabled() or (torch.is_grad_enabled() and q.requires_grad))
 
 
 def _cached_rotations(q: Tensor, **statics: Any) -> Tensor:

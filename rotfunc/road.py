@@ -39,7 +39,7 @@ from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_same_dtype_device, check_shape
+from ._checks import check_choice, check_same_dtype_device, check_shape, plain_eager
 from .adapter import peft_dict, peft_kwargs, register
 
 __all__ = [
@@ -269,12 +269,12 @@ def _mix_last(p: Tensor, q: Tensor, y: Tensor, /, *, group_size: int) -> Tensor:
     """
     y4 = y.unflatten(-1, (-1, 2, group_size // 2))
     needs_grad = torch.is_grad_enabled() and (p.requires_grad or q.requires_grad or y.requires_grad)
-    if not needs_grad and _plain_eager(p, q, y):
+    if not needs_grad and plain_eager(p, q, y):
         out4 = y4 * p
         out4[..., 0, :].addcmul_(y4[..., 1, :], q[..., 0, :])
         out4[..., 1, :].addcmul_(y4[..., 0, :], q[..., 1, :])
         return out4.flatten(-3)
-    if needs_grad and (_plain_eager(p, q, y) or _compiling_plain()):
+    if needs_grad and (plain_eager(p, q, y) or _compiling_plain()):
         return _RoadMix.apply(p, q, y, group_size)
     swapped = torch.stack((y4[..., 1, :], y4[..., 0, :]), dim=-2).flatten(-3)
     return torch.addcmul(y * p.flatten(-3), swapped, q.flatten(-3))
@@ -330,14 +330,6 @@ def _swap(t4: Tensor, /) -> Tensor:
         return t4.flip(-2)
     first = torch.arange(2, device=t4.device).unsqueeze(-1) == 0
     return torch.where(first, t4[..., 1:, :], t4[..., :1, :])
-
-
-def _plain_eager(*ts: Tensor) -> bool:
-    """True outside torch.compile tracing when no tensor is wrapped by a torch.func transform."""
-    if torch.compiler.is_compiling():
-        return False  # inductor fuses the out-of-place form anyway
-    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return is_wrapped is not None and not any(is_wrapped(t) for t in ts)
 
 
 # bytes of rows one in-place merge step reads: the step's rows of the weight, of the backup and the products
@@ -400,7 +392,7 @@ def _mix_rows(
             raise
         return out
     top, bottom = w4[..., 0:1, :, :], w4[..., 1:2, :, :]
-    if _plain_eager(c0, c1, w):
+    if plain_eager(c0, c1, w):
         out = (c0 * top).addcmul_(c1, bottom)
     else:
         out = torch.addcmul(c0 * top, c1, bottom)
@@ -881,7 +873,7 @@ class RoadConfig:
         """
         _check_merge_inputs(params, weight, bias, self.variant, self.group_size)
         _check_same_device(params, weight, bias)
-        return _unmerge(params, weight, bias, **self._statics(), check=_plain_eager(*params, weight))
+        return _unmerge(params, weight, bias, **self._statics(), check=plain_eager(*params, weight))
 
     def num_params(self, in_features: int, out_features: int, /) -> int:
         """``theta.numel() + alpha.numel()``, as PEFT counts: out, 2*out or 4*out for road_1/2/4."""
