@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
+from hypothesis.stateful import RuleBasedStateMachine, rule
 from hypothesis import strategies as st
 from peft import OFTConfig as PeftOFTConfig
 from peft import get_peft_model
@@ -550,3 +551,45 @@ def test_inference_cache_reuses_blocks_and_sees_every_write(gen):
     with torch.inference_mode():
         oft_rotate(OFTParams(q), x, block_size=b)
     assert q not in _BLOCK_CACHE
+
+
+class _BlockCacheMachine(RuleBasedStateMachine):
+    """Random sequences of writes to q (through .data, in place, by replacing .data) and of oft_rotate calls
+    (no grad, grad, inference mode, other statics); after every call the output equals the blocks built fresh
+    from q's current values, bitwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.gen = torch.Generator().manual_seed(0)
+        self.b = 4
+        self.q = (0.3 * torch.randn(3, 6, generator=self.gen)).requires_grad_()
+        self.x = torch.randn(2, 12, generator=self.gen)
+
+    def _fresh(self, terms):
+        with torch.enable_grad():
+            q = self.q.detach().clone()
+            return oft_rotate(OFTParams(q), self.x, block_size=self.b, num_cayley_neumann_terms=terms).detach()
+
+    @rule(scale=st.floats(0.05, 0.5))
+    def write_through_data(self, scale):
+        self.q.data.copy_(scale * torch.randn(self.q.shape, generator=self.gen))
+
+    @rule(shift=st.floats(-0.1, 0.1))
+    def add_in_place(self, shift):
+        with torch.no_grad():
+            self.q.add_(shift)
+
+    @rule()
+    def replace_data(self):
+        self.q.data = 0.2 * torch.randn(self.q.shape, generator=self.gen)
+
+    @rule(mode=st.sampled_from(["no_grad", "grad", "inference"]), terms=st.sampled_from([3, 5, 6]))
+    def call(self, mode, terms):
+        ctx = {"no_grad": torch.no_grad, "grad": torch.enable_grad, "inference": torch.inference_mode}[mode]
+        with ctx():
+            out = oft_rotate(OFTParams(self.q), self.x, block_size=self.b, num_cayley_neumann_terms=terms)
+        torch.testing.assert_close(out.detach(), self._fresh(terms), rtol=0, atol=0)
+
+
+TestBlockCacheStateful = _BlockCacheMachine.TestCase
+TestBlockCacheStateful.settings = settings(max_examples=30, stateful_step_count=12, deadline=None)
