@@ -43,9 +43,22 @@ class MixedRows(NamedTuple):
     order: Tensor  # shape=(N,), dtype=int64: row numbers sorted by group (stable), group after group
     inverse: Tensor  # shape=(N,), dtype=int64: puts sorted row i back at row i (argsort of ``order``)
     sizes: tuple[int, ...]  # rows per group, in group order (sum N)
+    contiguous: bool = False  # static: the rows already come group after group (``order`` is 0..N-1)
 
     def to(self, device: torch.device) -> "MixedRows":
-        return MixedRows(self.index.to(device), self.order.to(device), self.inverse.to(device), self.sizes)
+        return MixedRows(self.index.to(device), self.order.to(device), self.inverse.to(device), self.sizes,
+                         self.contiguous)
+
+    def split(self, t: Tensor, /, dim: int = 0) -> tuple[Tensor, ...]:
+        """``t``'s rows (along ``dim``) group by group: views when the rows are already grouped, else one gather."""
+        if not self.contiguous:
+            t = t.index_select(dim, self.order)
+        return t.split(list(self.sizes), dim)
+
+    def join(self, parts: Sequence[Tensor], /, dim: int = 0) -> Tensor:
+        """The inverse of :meth:`split`: the groups' rows back in row order."""
+        out = torch.cat(list(parts), dim)
+        return out if self.contiguous else out.index_select(dim, self.inverse)
 
 
 @runtime_checkable

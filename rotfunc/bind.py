@@ -93,8 +93,9 @@ class _Batch:
             for i in r:
                 index[i] = g
         order = torch.cat(list(self.groups.values())) if rows else torch.zeros(0, dtype=torch.long)
+        self.contiguous = bool(torch.equal(order, torch.arange(len(names))))  # rows already group after group
         self.rows = MixedRows(torch.tensor(index, dtype=torch.long), order, self.inverse,
-                              tuple(len(r) for r in rows.values()))
+                              tuple(len(r) for r in rows.values()), self.contiguous)
 
     def __repr__(self) -> str:
         return f"_Batch({list(self.names)!r})"
@@ -263,22 +264,30 @@ class AdaptedLinear(nn.Module):
         # transform the input first (OFT) or bring their own bias call the base on their own input.
         full: list[Tensor] = []
 
-        def group_base(idx: Tensor, xs: Tensor) -> Callable[[Tensor], Tensor]:
+        def group_base(idx: Tensor | slice, xs: Tensor) -> Callable[[Tensor], Tensor]:
             def call(inp: Tensor) -> Tensor:
                 if inp is not xs:
                     return base(inp)
                 if not full:
                     full.append(base(x))
-                return full[0].index_select(0, idx)
+                return full[0][idx] if isinstance(idx, slice) else full[0].index_select(0, idx)
 
             return call
 
         outs = []
+        start = 0
         for name, idx in batch.groups.items():
-            idx = idx.to(x.device)
-            xs = x.index_select(0, idx)
+            if batch.contiguous:  # rows already group after group: the group's rows are a view
+                xs = x[start : start + len(idx)]
+                idx = slice(start, start + len(idx))
+                start = idx.stop
+            else:
+                idx = idx.to(x.device)
+                xs = x.index_select(0, idx)
             b = group_base(idx, xs)
             outs.append(self._apply_one(name, xs, b) if name in self.slots else b(xs))
+        if batch.contiguous:
+            return torch.cat(outs, 0)
         # one gather back into sample order (not one full-size index_copy per group)
         return torch.cat(outs, 0).index_select(0, batch.inverse.to(x.device))
 

@@ -792,14 +792,7 @@ class OFTConfig:
                 u = torch.rand(rank, generator=generator, device=x.device)
                 R = torch.where((u < self.module_dropout)[:, None, None], eye, R)
             blocks.append(R)
-        # rows sorted by group, each group's rows rotated by one batched matmul over its r blocks (as apply
-        # does), then put back in row order: cheaper than a per-row copy of the blocks and per-row matmuls
-        groups = x.to(q0.dtype).index_select(0, rows.order).split(list(rows.sizes))
-        rotated = torch.cat([
-            xg if R is None else torch.einsum("...rk,rkc->...rc", rearrange(xg, "... (r b) -> ... r b", b=b), R)
-            .flatten(-2) for xg, R in zip(groups, blocks)
-        ]).index_select(0, rows.inverse)
-        return base(rotated.to(x.dtype))
+        return base(_rotate_groups(x.to(q0.dtype), blocks, rows, b).to(x.dtype))
 
     def merge(
         self, params: OFTParams, weight: Tensor, bias: Tensor | None, /, *, shared: Any = None,
@@ -858,3 +851,32 @@ class OFTConfig:
                 f"incompatible (keys: {sorted(d)})"
             )
         return cls(**kwargs)
+
+
+def _rotate_groups(x: Tensor, blocks: Sequence[Tensor | None], rows: Any, b: int, /) -> Tensor:
+    """Rows of ``x`` ("n ... (r b)") rotated by their group's blocks ("r b b"; ``None``: left as they are).
+
+    Works block-major: the rows are gathered by group straight into an "r n m b" layout (one copy; a plain
+    permuted copy when the rows already come group after group), each group's rows are rotated by one ``bmm``
+    over its r blocks (all groups by one ``bmm`` when every group has blocks and the same number of rows), and
+    one copy puts them back as "n ... (r b)" in row order. That is the two layout copies a single adapter's
+    ``einsum`` makes, and no row sort on top.
+    """
+    n, r = x.shape[0], x.shape[-1] // b
+    xs = x.reshape(n, -1, r, b).permute(2, 0, 1, 3)  # "r n m b", a view
+    xs = xs.contiguous() if rows.contiguous else xs.index_select(1, rows.order)
+    m = xs.shape[2]
+    sizes = rows.sizes
+    if all(R is not None for R in blocks) and len(set(sizes)) == 1:  # one bmm over (block, group) pairs
+        g = len(sizes)
+        Rs = torch.stack(list(blocks), 1).reshape(r * g, b, b)
+        ys = torch.bmm(xs.view(r * g, sizes[0] * m, b), Rs).view(r, n, m, b)
+    else:
+        parts = xs.split(list(sizes), 1)
+        ys = torch.cat([
+            xg if R is None else torch.bmm(xg.reshape(r, -1, b), R).view(xg.shape)
+            for xg, R in zip(parts, blocks)
+        ], 1)
+    ys = ys.permute(1, 2, 0, 3)  # "n m r b", a view
+    ys = ys.contiguous() if rows.contiguous else ys.index_select(0, rows.inverse)
+    return ys.view(x.shape)

@@ -689,7 +689,7 @@ class RandLoraConfig:
         A = bases.A.detach()[:, 0, :lo].to(dtype)
         Bf = _flat_b(bases.B.detach()[:hi, :nb, :].to(dtype))  # (hi, nb * r)
         first = xc if in_features <= out_features else xc @ Bf  # lo = out: ΔW x = S^T (flat(B)^T x)
-        parts = first.index_select(0, rows.order).split(list(rows.sizes))
+        parts = rows.split(first)  # views when the rows come group after group
         outs = []
         for p, part in zip(params_list, parts):
             if p is None:
@@ -697,7 +697,7 @@ class RandLoraConfig:
                 continue
             S = _scaled_a(p.lambda_.to(dtype) * self.scaling, A, p.gamma.to(dtype))  # (r * nb, lo)
             outs.append(part @ S.mT if in_features <= out_features else part @ S)
-        mid = torch.cat(outs).index_select(0, rows.inverse)
+        mid = rows.join(outs)
         delta = mid @ Bf.mT if in_features <= out_features else mid
         return (y + delta).to(y.dtype)
 
