@@ -856,27 +856,36 @@ class OFTConfig:
 def _rotate_groups(x: Tensor, blocks: Sequence[Tensor | None], rows: Any, b: int, /) -> Tensor:
     """Rows of ``x`` ("n ... (r b)") rotated by their group's blocks ("r b b"; ``None``: left as they are).
 
-    Works block-major: the rows are gathered by group straight into an "r n m b" layout (one copy; a plain
-    permuted copy when the rows already come group after group), each group's rows are rotated by one ``bmm``
-    over its r blocks (all groups by one ``bmm`` when every group has blocks and the same number of rows), and
-    one copy puts them back as "n ... (r b)" in row order. That is the two layout copies a single adapter's
-    ``einsum`` makes, and no row sort on top.
+    Rows that come group after group (``rows.contiguous``): each group's rows are rotated by one ``bmm`` over
+    its r blocks that reads them in place (a strided "r (n m) b" view of the group's slice), and one ``cat``
+    writes the results back as "n ... (r b)": the one layout copy a single adapter's ``einsum`` makes.
+
+    Other rows: one gather sorts them by group straight into a block-major "r n m b" layout, every group is
+    rotated there (one ``bmm`` over all (block, group) pairs when every group has blocks and as many rows),
+    and one gather puts them back in row order as "n ... (r b)": two copies, no separate sort.
     """
     n, r = x.shape[0], x.shape[-1] // b
-    xs = x.reshape(n, -1, r, b).permute(2, 0, 1, 3)  # "r n m b", a view
-    xs = xs.contiguous() if rows.contiguous else xs.index_select(1, rows.order)
+    sizes = list(rows.sizes)
+    if rows.contiguous:
+        xs = x.reshape(n, -1, r, b)
+        m = xs.shape[1]
+        parts = []
+        for xg, R in zip(xs.split(sizes), blocks):
+            if R is None:
+                parts.append(xg)
+                continue
+            yg = torch.bmm(xg.permute(2, 0, 1, 3).reshape(r, -1, b), R)  # a view of the group's rows, no copy
+            parts.append(yg.view(r, xg.shape[0], m, b).permute(1, 2, 0, 3))
+        return torch.cat(parts).view(x.shape)
+    xs = x.reshape(n, -1, r, b).permute(2, 0, 1, 3).index_select(1, rows.order)  # "r n m b", grouped
     m = xs.shape[2]
-    sizes = rows.sizes
-    if all(R is not None for R in blocks) and len(set(sizes)) == 1:  # one bmm over (block, group) pairs
+    if all(R is not None for R in blocks) and len(set(sizes)) == 1:
         g = len(sizes)
-        Rs = torch.stack(list(blocks), 1).reshape(r * g, b, b)
+        Rs = torch.stack(list(blocks), 1).reshape(r * g, b, b)  # "(r g) b b", matching xs's "(r g) (n m) b"
         ys = torch.bmm(xs.view(r * g, sizes[0] * m, b), Rs).view(r, n, m, b)
     else:
-        parts = xs.split(list(sizes), 1)
         ys = torch.cat([
             xg if R is None else torch.bmm(xg.reshape(r, -1, b), R).view(xg.shape)
-            for xg, R in zip(parts, blocks)
+            for xg, R in zip(xs.split(sizes, 1), blocks)
         ], 1)
-    ys = ys.permute(1, 2, 0, 3)  # "n m r b", a view
-    ys = ys.contiguous() if rows.contiguous else ys.index_select(0, rows.inverse)
-    return ys.view(x.shape)
+    return ys.permute(1, 2, 0, 3).index_select(0, rows.inverse).view(x.shape)
