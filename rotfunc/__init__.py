@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "disable_adapters": "bind",
     "disabled": "bind",
     "enable_adapters": "bind",
+    "group_rows": "bind",
     "load_params": "bind",
     "merge": "bind",
     "merge_and_unload": "bind",

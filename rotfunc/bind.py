@@ -24,7 +24,9 @@ Training goes through ``torch.func``::
 Mixed-adapter batches: ``model(**inputs, adapter_names=["a", "b", BASE_ADAPTER, ...])`` (one name per sample,
 as PEFT; :data:`BASE_ADAPTER` means "no adapter"; a layer without the named adapter gives its base output for
 that sample, as PEFT), ``model.generate(input_ids, adapter_names=[...])``, or the :func:`adapter_batch` context
-manager. Each wrapper groups the rows by adapter: one call per distinct adapter, never per sample.
+manager. Each wrapper groups the rows by adapter: one call per distinct adapter, never per sample. Rows that
+already come adapter after adapter (:func:`group_rows` orders a batch so) are taken as views: no layer then
+gathers or scatters the activations.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ __all__ = [
     "enable_adapters",
     "disabled",
     "adapter_batch",
+    "group_rows",
     "merge",
     "unmerge",
     "merge_and_unload",
@@ -765,6 +768,27 @@ def adapter_batch(model: nn.Module, names: Sequence[str], /) -> Iterator[None]:
         yield
     finally:
         hub.state = before
+
+
+def group_rows(adapter_names: Sequence[str], /) -> tuple[Tensor, list[str]]:
+    """``(order, names)``: a mixed batch's rows ordered adapter after adapter (a stable sort, adapters in order of
+    first appearance), and the per-sample names in that order.
+
+    Index every per-sample input with ``order`` (``x[order]``) and pass ``names`` as ``adapter_names``: then every
+    layer reads each adapter's rows as a slice, where rows in any other order cost each layer a gather of the
+    activations and a gather back (grouped, like Punica/S-LoRA's segmented batches). The outputs come in the
+    grouped order (``torch.argsort(order)`` puts them back); a loss summed or averaged over rows is unchanged
+    up to float summation order, so a training step can group its batch and go on.
+    """
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not all(
+        isinstance(n, str) for n in adapter_names
+    ):
+        raise TypeError(f"adapter_names must be a sequence of str, one per sample, got {adapter_names!r}")
+    rows: dict[str, list[int]] = {}
+    for i, n in enumerate(adapter_names):
+        rows.setdefault(n, []).append(i)
+    order = [i for r in rows.values() for i in r]
+    return torch.tensor(order, dtype=torch.long), [adapter_names[i] for i in order]
 
 
 def _batch_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:

@@ -3,6 +3,7 @@ pinned against K separate runs, on float, int8 and nf4 layers (the small model h
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import pytest
@@ -301,6 +302,41 @@ def test_one_pass_mixed_batch_equals_each_row_alone(method, rows, seq, training)
                 rotfunc.set_adapter(model, n)
                 alone = model(x[i : i + 1])
             _close(mixed[i : i + 1], alone)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@given(rows=st.lists(st.sampled_from(["a", "b", "c", rotfunc.BASE_ADAPTER]), min_size=2, max_size=7))
+def test_grouped_rows_equal_the_batch_in_any_order_forward_and_grad(method, rows):
+    """``group_rows`` orders a batch adapter after adapter; the grouped batch (every layer reads slices: one-pass
+    layers and the per-group fallback of the two-config layer) gives the rows' outputs and the adapters' grads
+    of the batch in its own order, which every layer gathers. Checked for every method, with BASE_ADAPTER rows
+    and an adapter (c) on two layers only."""
+    g = torch.Generator().manual_seed(len(rows))
+    model = _one_pass_model(method, g)
+    rotfunc.attach(model, _config("road" if method != "road" else "oft", targets=("4",)), adapter_name="d",
+                   generator=g)  # a second config on layer 4: its rows take the per-group fallback there
+    rows = [("d" if r == "c" and i % 2 else r) for i, r in enumerate(rows)]
+    order, grouped = rotfunc.group_rows(rows)
+    assert sorted(order.tolist()) == list(range(len(rows))) and grouped == [rows[i] for i in order]
+    runs = [n for n, _ in itertools.groupby(grouped)]
+    assert len(runs) == len(set(runs))  # each adapter's rows in one run
+    x, target = _x(len(rows), g, seq=3), _x(len(rows), g, seq=3)
+    params = _all_params(model, [n for n in "abcd" if n in rows])
+
+    def loss_fn(p, x, target, rows):
+        return ((functional_call(model, p, (x,), {"adapter_names": rows}) - target) ** 2).sum()
+
+    with torch.no_grad():
+        _close(model(x[order], adapter_names=grouped), model(x, adapter_names=rows)[order])
+    if params:
+        got, want = grad(loss_fn)(params, x[order], target[order], grouped), grad(loss_fn)(params, x, target, rows)
+        for k in want:
+            _close(got[k], want[k], 1e-4)
+
+
+def test_group_rows_refuses_a_string():
+    with pytest.raises(TypeError, match="sequence of str"):
+        rotfunc.group_rows("abc")
 
 
 def test_one_pass_mixed_batch_applies_oft_module_dropout_in_training_only():
