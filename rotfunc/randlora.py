@@ -695,8 +695,11 @@ class RandLoraConfig:
             if p is None:
                 outs.append(part.new_zeros(part.shape[:-1] + (r * nb if in_features <= out_features else lo,)))
                 continue
-            S = _scaled_a(p.lambda_.to(dtype) * self.scaling, A, p.gamma.to(dtype))  # (r * nb, lo)
-            outs.append(part @ S.mT if in_features <= out_features else part @ S)
+            # lambda scales the rows' projections (n, r * nb) instead of the basis (r * nb, lo): one elementwise
+            # pass over the (r, nb, lo) basis per group instead of two, forward and backward
+            S0 = (A[:, None, :] * p.gamma.to(dtype)[None, :, :]).reshape(r * nb, lo)  # S without lambda
+            lam = (p.lambda_.to(dtype) * self.scaling).reshape(r * nb)  # S's row order, rank-major
+            outs.append((part @ S0.mT) * lam if in_features <= out_features else (part * lam) @ S0)
         mid = rows.join(outs)
         delta = mid @ Bf.mT if in_features <= out_features else mid
         return (y + delta).to(y.dtype)
