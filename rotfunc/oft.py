@@ -857,9 +857,8 @@ def _rotate_groups(x: Tensor, blocks: Sequence[Tensor | None], rows: Any, b: int
     """Rows of ``x`` ("n ... (r b)") rotated by their group's blocks ("r b b"; ``None``: left as they are).
 
     Rows that come group after group (``rows.contiguous``): each group's rows are rotated by one ``bmm`` over
-    its r blocks that reads them in place (a strided "r (n m) b" view of the group's slice); the results are
-    joined block-major and copied back as "n ... (r b)": the layout copy a single adapter's ``einsum`` makes,
-    plus one contiguous ``cat``.
+    its r blocks that reads them in place (a strided "r (n m) b" view of the group's slice), and one ``cat``
+    writes the results back as "n ... (r b)": the one layout copy a single adapter's ``einsum`` makes.
 
     Other rows: one gather sorts them by group straight into a block-major "r n m b" layout, every group is
     rotated there (one ``bmm`` over all (block, group) pairs when every group has blocks and as many rows),
@@ -868,16 +867,18 @@ def _rotate_groups(x: Tensor, blocks: Sequence[Tensor | None], rows: Any, b: int
     n, r = x.shape[0], x.shape[-1] // b
     sizes = list(rows.sizes)
     if rows.contiguous:
-        xs = x.reshape(n, -1, r, b).permute(2, 0, 1, 3)  # "r n m b", a view
-        m = xs.shape[2]
+        xs = x.reshape(n, -1, r, b)
+        m = xs.shape[1]
         parts = []
-        # split block-major, so that the backward joins the groups' gradients as contiguous chunks too
-        for xg, R in zip(xs.split(sizes, 1), blocks):
-            xg = xg.reshape(r, -1, b)  # "r (n m) b": a view of the group's rows, no copy
-            parts.append(xg if R is None else torch.bmm(xg, R))
-        # the groups' results side by side (contiguous chunks: a cat of permuted views was ~2x slower), then the
-        # one permuting copy back to "n m (r b)" a single adapter's einsum makes too
-        return torch.cat(parts, 1).view(r, n, m, b).permute(1, 2, 0, 3).reshape(x.shape)
+        for xg, R in zip(xs.split(sizes), blocks):
+            if R is None:
+                parts.append(xg)
+                continue
+            yg = torch.bmm(xg.permute(2, 0, 1, 3).reshape(r, -1, b), R)  # a view of the group's rows, no copy
+            parts.append(yg.view(r, xg.shape[0], m, b).permute(1, 2, 0, 3))
+        # one copy back to "n m r b" for all groups (a block-major split and join, then a permuting copy, measured
+        # slower at layer level: 16.2-17.2 ms vs 14.2 ms fwd + bwd at 1536 wide)
+        return torch.cat(parts).view(x.shape)
     xs = x.reshape(n, -1, r, b).permute(2, 0, 1, 3).index_select(1, rows.order)  # "r n m b", grouped
     m = xs.shape[2]
     if all(R is not None for R in blocks) and len(set(sizes)) == 1:
