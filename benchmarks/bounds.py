@@ -41,23 +41,24 @@ PEFT eager."""
 
 _MIXED = """\
 **Mixed-adapter batch (8 adapters >= 0.9x the throughput of 1, inference and training).** Layers whose adapters
-share one config now run the whole mixed batch in one pass (`Adapter.apply_mixed`, called by
-`AdaptedLinear._forward_mixed`; the `per_group_ratio` column is the old per-group path in the same run). RoAD
-gathers each row's (p, q) coefficients from the 8 adapters' stacked ones and applies one elementwise op to one
-full-batch base output: the 8-adapter batch costs what 1 adapter does (0.90-0.99x inference, 0.93-1.01x training over
-float / int8 / nf4, from 0.75-0.83x / 0.77-0.78x per-group). RandLoRA shares the base matmul and the product with the shared random basis;
-only the product with each adapter's scaled basis runs per group on its rows, which needs the rows sorted by
-adapter and put back (two activation-sized gathers per layer) -- enough in inference on the quantized bases (nf4 0.96x, int8 1.02x; float
-0.87x), not in training (0.81-0.85x: the gathers' backward scatters and 8 small matmuls per layer instead of one, on MiniLM's cheap
-384-wide layers). OFT builds all 8 adapters' rotation blocks in one batched Cayley-Neumann call, gathers them
-per row and rotates the batch with one batched matmul before one base matmul (0.82-0.87x inference,
-0.67-0.84x training over float / int8 / nf4). What bounds OFT: with 32-token rows and 32x32 blocks the per-row gathered blocks (rows x in/32 x 32 x
-32) are as large as the activations they rotate, the 8 adapters' Cayley-Neumann series cost about as much as
-rotating the 32x32-token batch (8 b / (rows x tokens) ~ 1 of the rotation's FLOPs), and in training both come
-back as an activation-sized scatter-add and 8 series' backward (a layer-level profile of the 384->1536 layer,
-1 thread: 124 ms vs 99 ms for 1 adapter, `aten::mm` 76 %, the per-row `bmm` 10 %). Next step: a grouped layout
-(rows sorted by adapter, one `bmm` over adapters x blocks) in training, where the per-row gather's backward is
-the cost, and longer sequences amortize the per-adapter block construction."""
+share one config run the whole mixed batch in one pass (`Adapter.apply_mixed`). The 8-adapter row orders the
+batch adapter after adapter (`rotfunc.group_rows`), so every layer reads each adapter's rows as a slice; the
+`round_robin_ratio` column is the batch in its own order, where each OFT/RandLoRA layer gathers the rows by
+adapter and back. RoAD gathers each row's (p, q) coefficients and applies one elementwise op to one full-batch
+base output: 8 adapters cost what 1 does. OFT rotates each group's rows in place (a strided view per group, one
+`bmm` over its blocks) and writes them back with the one layout copy a single adapter makes; RandLoRA runs the
+base and the shared-basis product on the whole batch and one product per group with that group's scaled basis.
+What is left over 1 adapter is the adapters' own parameter work, which grows with K while the tokens per adapter
+shrink: OFT builds K Cayley-Neumann series per layer (2 products of b x b blocks per block row, forward; 4 more
+backward) against rotating T/K tokens per adapter (T/K x b per block row), so with b = 32 and 64-128 tokens per
+adapter the series cost 25-50 % of the rotation itself (profile, SmolLM2 nf4 16x32, 8 adapters, 1 thread:
+block products 0.54 s, per-group rotations 0.81 s, of a 1.9 s difference over one adapter's 7.1-7.3 s step);
+RandLoRA builds K scaled bases (r x num_bases x the layer's smaller width: as large as the weight on MiniLM,
+where r x num_bases = 384 = the width) and their gradients elementwise. Cut so far: the row gathers (grouped
+rows: none), PEFT's 5-term series as (I + Q^2)(I + Q^2 + 2Q) (one elementwise pass over the blocks instead of
+seven), lambda applied to the rows' projections rather than to each basis (one elementwise pass instead of two).
+At this machine's noise (rounds spread +-10 %; the same OFT round-robin inference code measured 0.82x and 0.91x
+float in two runs minutes apart) the OFT/RandLoRA training rows sit at 0.83-0.94x."""
 
 _ENSEMBLE = """\
 **Ensembles (K = 8 vmapped training steps >= 2x a loop of 8).** The attention path vmaps without a per-slice
