@@ -84,9 +84,7 @@ class _Batch:
 
     def __init__(self, names: tuple[str, ...]) -> None:
         self.names = names
-        rows: dict[str, list[int]] = {}
-        for i, n in enumerate(names):
-            rows.setdefault(n, []).append(i)
+        rows = _rows_by_adapter(names)
         self.groups = {n: torch.tensor(r) for n, r in rows.items()}
         # outputs are computed group after group; this puts sample i back at row i
         self.inverse = torch.argsort(torch.cat(list(self.groups.values()))) if rows else torch.zeros(0, dtype=torch.long)
@@ -95,10 +93,10 @@ class _Batch:
         for g, r in enumerate(rows.values()):
             for i in r:
                 index[i] = g
-        order = torch.cat(list(self.groups.values())) if rows else torch.zeros(0, dtype=torch.long)
-        self.contiguous = bool(torch.equal(order, torch.arange(len(names))))  # rows already group after group
-        self.rows = MixedRows(torch.tensor(index, dtype=torch.long), order, self.inverse,
-                              tuple(len(r) for r in rows.values()), self.contiguous)
+        order = [i for r in rows.values() for i in r]
+        self.rows = MixedRows(torch.tensor(index, dtype=torch.long), torch.tensor(order, dtype=torch.long),
+                              self.inverse, tuple(len(r) for r in rows.values()),
+                              contiguous=order == list(range(len(names))))  # rows already group after group
 
     def __repr__(self) -> str:
         return f"_Batch({list(self.names)!r})"
@@ -280,7 +278,7 @@ class AdaptedLinear(nn.Module):
         outs = []
         start = 0
         for name, idx in batch.groups.items():
-            if batch.contiguous:  # rows already group after group: the group's rows are a view
+            if batch.rows.contiguous:  # rows already group after group: the group's rows are a view
                 xs = x[start : start + len(idx)]
                 idx = slice(start, start + len(idx))
                 start = idx.stop
@@ -289,7 +287,7 @@ class AdaptedLinear(nn.Module):
                 xs = x.index_select(0, idx)
             b = group_base(idx, xs)
             outs.append(self._apply_one(name, xs, b) if name in self.slots else b(xs))
-        if batch.contiguous:
+        if batch.rows.contiguous:
             return torch.cat(outs, 0)
         # one gather back into sample order (not one full-size index_copy per group)
         return torch.cat(outs, 0).index_select(0, batch.inverse.to(x.device))
@@ -741,10 +739,20 @@ def disabled(model: nn.Module, /) -> Iterator[nn.Module]:
         _hub(model).state = dataclasses.replace(_hub(model).state, enabled=before)
 
 
-def _batch_state(model: nn.Module, names: Any) -> AdapterState:
-    """The state for a mixed batch of ``names`` on ``model``, validated (nothing is changed here)."""
+def _rows_by_adapter(names: Any) -> dict[str, list[int]]:
+    """``{adapter name: its row numbers}``, adapters in order of first appearance; TypeError unless ``names`` is a
+    sequence of str."""
     if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
         raise TypeError(f"adapter_names must be a sequence of str, one per sample, got {names!r}")
+    rows: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        rows.setdefault(n, []).append(i)
+    return rows
+
+
+def _batch_state(model: nn.Module, names: Any) -> AdapterState:
+    """The state for a mixed batch of ``names`` on ``model``, validated (nothing is changed here)."""
+    _rows_by_adapter(names)  # the type check
     hub = _hub(model)
     if hub is None:
         raise ValueError("adapter_names given, but no adapter is attached to this model")
@@ -780,14 +788,7 @@ def group_rows(adapter_names: Sequence[str], /) -> tuple[Tensor, list[str]]:
     grouped order (``torch.argsort(order)`` puts them back); a loss summed or averaged over rows is unchanged
     up to float summation order, so a training step can group its batch and go on.
     """
-    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence) or not all(
-        isinstance(n, str) for n in adapter_names
-    ):
-        raise TypeError(f"adapter_names must be a sequence of str, one per sample, got {adapter_names!r}")
-    rows: dict[str, list[int]] = {}
-    for i, n in enumerate(adapter_names):
-        rows.setdefault(n, []).append(i)
-    order = [i for r in rows.values() for i in r]
+    order = [i for r in _rows_by_adapter(adapter_names).values() for i in r]
     return torch.tensor(order, dtype=torch.long), [adapter_names[i] for i in order]
 
 
