@@ -14,7 +14,7 @@ _TRAIN = """\
 functional step, not the adapters: `torch.func.grad(functional_call)` wraps every op of the whole model (on an
 Intel Xeon: +30 % time, +67 % peak live tensor memory over plain autograd on the same model).
 `rotfunc.value_and_grad` keeps the functional interface and runs plain autograd underneath when no `torch.func`
-transform is active: 0.98-1.01x PEFT's time at 0.94-0.98x its peak on the nf4 MiniLM in this run. **The floor**
+transform is active: 0.99-1.01x PEFT's time at 0.94-1.02x its peak on the nf4 MiniLM in this run. **The floor**
 (measured on this CPU, 1 thread, PEFT's RoAD step interleaved in the same process, 9-15 rounds): the frozen nf4
 MiniLM's own forward + backward with no adapter at all (grads flowing from the first layer's q/k/v outputs, the
 same matmuls, attention and dequantizations any adapter's step runs) took 0.64-0.76x PEFT's RoAD step eagerly and
@@ -29,10 +29,12 @@ swapped copy of every output; RoAD now has its own backward (`_RoadMix`, saving 
 opaque coefficient op under compile (`rotfunc::road_pq`), which took the RoAD step from 0.84x to 0.79x PEFT with
 `compile_blocks` and from 1.00x to 0.92-0.94x with plain autograd in 5-side interleaved runs (15 rounds) -- and to
 0.91x / 1.01x in this 6-side run, whose rounds spread by +-15 % (PEFT 0.49-0.65 s). The Cayley-Neumann series now
-takes 2 block products instead of 3. Whole-model `value_and_grad(compile=True)` is 0.89x for all three but keeps
-the compiled state resident (1.06-1.19x PEFT's peak); the compiled backward dequantizes through its own op
+takes 2 block products instead of 3, and PEFT's default 5 terms are evaluated as (I + Q^2)(I + Q^2 + 2Q) (one
+elementwise pass over the blocks instead of about seven): the OFT rows, re-run after it, took 0.88x PEFT with
+`compile_blocks` (0.99x before, the same settings) and 1.00x eagerly. Whole-model `value_and_grad(compile=True)`
+is 0.86-0.89x for all three but keeps the compiled state resident (1.06-1.20x PEFT's peak); the compiled backward dequantizes through its own op
 (`rotfunc::quantized_linear_grad_input`) so AOTAutograd cannot keep float weights. `compile_blocks` keeps the peak
-at 0.93-1.03x PEFT's and compiles in 7-26 s (warm cache). On SmolLM2 (4x64 tokens, the sides interleaved in one process) `compile_blocks`
+at 0.93-1.05x PEFT's and compiles in 7-26 s (warm cache). On SmolLM2 (4x64 tokens, the sides interleaved in one process) `compile_blocks`
 ran at 0.93x (RoAD), 1.02x (OFT), 0.85x (RandLoRA) of PEFT's time; the 0.88x / 0.50x / 0.89x reported before came
 from sides run in separate processes one after another, which load on this shared machine moved by +-15 % and
 more. There the 49,152-wide `lm_head` and its backward are ~22 % of the FLOPs, shared with PEFT. PEFT +
