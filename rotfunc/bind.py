@@ -86,16 +86,17 @@ class _Batch:
         self.names = names
         rows = _rows_by_adapter(names)
         self.groups = {n: torch.tensor(r) for n, r in rows.items()}
-        # outputs are computed group after group; this puts sample i back at row i
-        self.inverse = torch.argsort(torch.cat(list(self.groups.values()))) if rows else torch.zeros(0, dtype=torch.long)
-        # the same grouping for one-pass layers (Adapter.apply_mixed): group of each row, rows sorted by group
+        # group of each row; rows sorted by group (outputs are computed group after group) and the permutation back
         index = [0] * len(names)
         for g, r in enumerate(rows.values()):
             for i in r:
                 index[i] = g
         order = [i for r in rows.values() for i in r]
+        inverse = [0] * len(order)
+        for k, i in enumerate(order):
+            inverse[i] = k
         self.rows = MixedRows(torch.tensor(index, dtype=torch.long), torch.tensor(order, dtype=torch.long),
-                              self.inverse, tuple(len(r) for r in rows.values()),
+                              torch.tensor(inverse, dtype=torch.long), tuple(len(r) for r in rows.values()),
                               contiguous=order == list(range(len(names))))  # rows already group after group
 
     def __repr__(self) -> str:
@@ -263,34 +264,26 @@ class AdaptedLinear(nn.Module):
         # Adapters that call base on the group's own input (RoAD, RandLoRA, samples without an adapter here) share
         # one full-batch base matmul, computed on first use, instead of one small matmul per group; adapters that
         # transform the input first (OFT) or bring their own bias call the base on their own input.
+        # The rows go group by group through MixedRows.split/join: views when they already come group after group,
+        # else one gather in and one back (not one gather per group).
+        rows = batch.rows.to(x.device)
         full: list[Tensor] = []
 
-        def group_base(idx: Tensor | slice, xs: Tensor) -> Callable[[Tensor], Tensor]:
+        def group_base(g: int, xs: Tensor) -> Callable[[Tensor], Tensor]:
             def call(inp: Tensor) -> Tensor:
                 if inp is not xs:
                     return base(inp)
                 if not full:
-                    full.append(base(x))
-                return full[0][idx] if isinstance(idx, slice) else full[0].index_select(0, idx)
+                    full.extend(rows.split(base(x)))
+                return full[g]
 
             return call
 
         outs = []
-        start = 0
-        for name, idx in batch.groups.items():
-            if batch.rows.contiguous:  # rows already group after group: the group's rows are a view
-                xs = x[start : start + len(idx)]
-                idx = slice(start, start + len(idx))
-                start = idx.stop
-            else:
-                idx = idx.to(x.device)
-                xs = x.index_select(0, idx)
-            b = group_base(idx, xs)
+        for g, (name, xs) in enumerate(zip(batch.groups, rows.split(x))):
+            b = group_base(g, xs)
             outs.append(self._apply_one(name, xs, b) if name in self.slots else b(xs))
-        if batch.rows.contiguous:
-            return torch.cat(outs, 0)
-        # one gather back into sample order (not one full-size index_copy per group)
-        return torch.cat(outs, 0).index_select(0, batch.inverse.to(x.device))
+        return rows.join(outs)
 
 
 _SELECTION_FIELDS = frozenset({"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "init_weights"})
@@ -739,11 +732,13 @@ def disabled(model: nn.Module, /) -> Iterator[nn.Module]:
         _hub(model).state = dataclasses.replace(_hub(model).state, enabled=before)
 
 
-def _rows_by_adapter(names: Any) -> dict[str, list[int]]:
-    """``{adapter name: its row numbers}``, adapters in order of first appearance; TypeError unless ``names`` is a
-    sequence of str."""
+def _check_names(names: Any) -> None:
     if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
         raise TypeError(f"adapter_names must be a sequence of str, one per sample, got {names!r}")
+
+
+def _rows_by_adapter(names: Sequence[str]) -> dict[str, list[int]]:
+    """``{adapter name: its row numbers}``, adapters in order of first appearance."""
     rows: dict[str, list[int]] = {}
     for i, n in enumerate(names):
         rows.setdefault(n, []).append(i)
@@ -752,7 +747,7 @@ def _rows_by_adapter(names: Any) -> dict[str, list[int]]:
 
 def _batch_state(model: nn.Module, names: Any) -> AdapterState:
     """The state for a mixed batch of ``names`` on ``model``, validated (nothing is changed here)."""
-    _rows_by_adapter(names)  # the type check
+    _check_names(names)
     hub = _hub(model)
     if hub is None:
         raise ValueError("adapter_names given, but no adapter is attached to this model")
@@ -788,6 +783,7 @@ def group_rows(adapter_names: Sequence[str], /) -> tuple[Tensor, list[str]]:
     grouped order (``torch.argsort(order)`` puts them back); a loss summed or averaged over rows is unchanged
     up to float summation order, so a training step can group its batch and go on.
     """
+    _check_names(adapter_names)
     order = [i for r in _rows_by_adapter(adapter_names).values() for i in r]
     return torch.tensor(order, dtype=torch.long), [adapter_names[i] for i in order]
 

@@ -212,16 +212,20 @@ class ShimMachine(RuleBasedStateMachine):
         self.refused(exc, rotfunc.load_params, self.model, bad)
 
     @precondition(lambda self: self.adapters)
-    @rule(picks=st.lists(st.sampled_from(NAMES + (BASE_ADAPTER,)), min_size=5, max_size=5))
-    def mixed_forward(self, picks):
+    @rule(picks=st.lists(st.sampled_from(NAMES + (BASE_ADAPTER,)), min_size=5, max_size=5), grouped=st.booleans())
+    def mixed_forward(self, picks, grouped):
         names = [p if p in self.adapters or p == BASE_ADAPTER else BASE_ADAPTER for p in picks]
         if self.merged is not None:
             self.refused(RuntimeError, self.model, X, adapter_names=names)
             return
+        x = X
+        if grouped:  # rows ordered adapter after adapter: every layer takes views instead of gathers
+            order, names = rotfunc.group_rows(names)
+            x = X[order]
         with torch.no_grad():
             with rotfunc.adapter_batch(self.model, names):
-                out = self.model(X)
-        assert_close64(out, reference(self.originals64, self.adapters, X, names))
+                out = self.model(x)
+        assert_close64(out, reference(self.originals64, self.adapters, x, names))
 
     @precondition(lambda self: self.adapters)
     @rule(data=st.data())
