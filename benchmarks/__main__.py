@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("merge", "floor", "forward", "train", "mixed", "quant", "randlora", "causal_lm")
+SECTIONS = ("merge", "floor", "forward", "train", "mixed", "ensemble", "quant", "randlora", "causal_lm")
 # --quick leaves out what needs the SmolLM2 model cache (converted once, 0.5 GB) unless --only names it
 QUICK_SKIPS = ("causal_lm",)
 

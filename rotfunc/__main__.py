@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="fine-tune a 4-bit SmolLM2-135M with an adapter, merge it, report (--model minilm: the MiniLM job)",
         description="Fine-tune nf4 SmolLM2-135M-Instruct with a RoAD/OFT/RandLoRA adapter on stdlib docstrings "
-        "(torch.func.grad loop), merge it into the 4-bit weights, report perplexity, generations and costs.",
+        "(rotfunc.value_and_grad + adam loop), merge it into the 4-bit weights, report perplexity, generations and costs.",
     )
     d.add_argument("--model", default="smollm2", choices=MODELS,
                    help="smollm2: the causal-LM job (default); minilm: recover a 4-bit MiniLM's embeddings")

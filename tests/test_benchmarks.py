@@ -33,6 +33,7 @@ def _expected_names() -> list[str]:
         names.append(f"{m} merge into nf4 128x128 vs dequantize+requantize floor")
         names.append(f"{m} train step nf4 MiniLM")
         names.append(f"{m} mixed batch nf4 MiniLM: 8 adapters vs 1")
+        names.append(f"{m} ensemble nf4 MiniLM: K=2 vmapped train steps vs a loop")
     names += ["quant.merge_into nf4", "RandLoRA adapter branch only (peak RSS)"]
     return names
 
