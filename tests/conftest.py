@@ -65,3 +65,12 @@ class _MiniLM:
 @pytest.fixture(scope="session")
 def minilm():
     return _MiniLM()
+
+
+@pytest.fixture(scope="session")
+def smollm2_nf4():
+    """(tokenizer, nf4 SmolLM2-135M-Instruct), loaded once per test session (quantizing it takes 10-20 s) and
+    shared by every module that needs it: tests take deep copies and leave this one as they found it."""
+    from rotfunc.causal_lm import load_smollm2
+
+    return load_smollm2("nf4")

@@ -75,9 +75,9 @@ class SmolLM2:
     """SmolLM2-135M-Instruct loaded once: float32, nf4 (never run through bitsandbytes' eval forward), and float64
     references built on demand."""
 
-    def __init__(self):
+    def __init__(self, nf4):
         self.tok, self.float = load_smollm2()
-        _, self.nf4 = load_smollm2("nf4")
+        self.nf4 = nf4  # the session's shared nf4 model (conftest.smollm2_nf4)
         self._f64 = {}
         self._base_err = {}
 
@@ -113,8 +113,8 @@ class SmolLM2:
 
 
 @pytest.fixture(scope="session")
-def smollm2():
-    return SmolLM2()
+def smollm2(smollm2_nf4):
+    return SmolLM2(smollm2_nf4[1])
 
 
 def logits(model, ids):

@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 import rotfunc
 from rotfunc import bind
-from rotfunc.causal_lm import adapter_config, load_smollm2, token_blocks
+from rotfunc.causal_lm import adapter_config, token_blocks
 from test_causal_lm import _copy, randomize_
 
 METHODS = ("road", "oft", "randlora")
@@ -42,12 +42,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def smollm2_nf4():
-    """(tokenizer, nf4 SmolLM2-135M-Instruct), loaded once; tests take deep copies of its first layers."""
-    return load_smollm2("nf4")
 
 
 def _ids(tok, n):
