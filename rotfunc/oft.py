@@ -204,6 +204,11 @@ def _cached_rotations(q: Tensor, **statics: Any) -> Tensor:
     into the result)."""
     if not _cacheable(q):
         return _rotations(q, **statics)
+    return _from_cache(q, statics)
+
+
+def _from_cache(q: Tensor, statics: dict[str, Any]) -> Tensor:
+    """The cached blocks of ``q`` (built and stored on a miss); only where :func:`_cacheable` holds."""
     key = (tuple(sorted(statics.items())), q.dtype, tuple(q.shape), q.device)
     hit = _BLOCK_CACHE.get(q)
     if hit is not None and hit[0] == key and torch.equal(hit[1], q):
@@ -775,9 +780,10 @@ class OFTConfig:
             qs.append(p.q)
         rot_statics = {k: statics[k] for k in ("block_size", "use_cayley_neumann", "num_cayley_neumann_terms",
                                                  "coft", "eps")}
-        if self.coft or all(_cacheable(q) for q in qs):  # one group at a time: COFT's projection radius depends
-            # on each group's own rows; without grad, each group's blocks come from the inference cache
-            built = [_cached_rotations(q, **rot_statics) for q in qs]
+        if all(_cacheable(q) for q in qs):  # without grad, each group's blocks come from the inference cache
+            built = [_from_cache(q, rot_statics) for q in qs]
+        elif self.coft:  # one group at a time: COFT's projection radius depends on each group's own rows
+            built = [_rotations(q, **rot_statics) for q in qs]
         else:  # every group's blocks in one batched Cayley(-Neumann) evaluation
             built = list(oft_blocks(OFTParams(torch.stack(qs).flatten(0, 1)), **{**statics, "block_share": False})
                          .unflatten(0, (len(qs), -1)))
