@@ -14,7 +14,7 @@ _TRAIN = """\
 functional step, not the adapters: `torch.func.grad(functional_call)` wraps every op of the whole model (on an
 Intel Xeon: +30 % time, +67 % peak live tensor memory over plain autograd on the same model).
 `rotfunc.value_and_grad` keeps the functional interface and runs plain autograd underneath when no `torch.func`
-transform is active: 0.99-1.01x PEFT's time at 0.94-1.02x its peak on the nf4 MiniLM in this run. **The floor**
+transform is active: 0.99-1.01x PEFT's time at 0.85-1.02x its peak on the nf4 MiniLM in this run. **The floor**
 (measured on this CPU, 1 thread, PEFT's RoAD step interleaved in the same process, 9-15 rounds): the frozen nf4
 MiniLM's own forward + backward with no adapter at all (grads flowing from the first layer's q/k/v outputs, the
 same matmuls, attention and dequantizations any adapter's step runs) took 0.64-0.76x PEFT's RoAD step eagerly and
@@ -28,7 +28,7 @@ cos(theta)` into every elementwise kernel (a cosine and a sine per output elemen
 swapped copy of every output; RoAD now has its own backward (`_RoadMix`, saving only the layer output) and one
 opaque coefficient op under compile (`rotfunc::road_pq`), which took the RoAD step from 0.84x to 0.79x PEFT with
 `compile_blocks` and from 1.00x to 0.92-0.94x with plain autograd in 5-side interleaved runs (15 rounds) -- and to
-0.91x / 1.01x in this 6-side run, whose rounds spread by +-15 % (PEFT 0.49-0.65 s). The Cayley-Neumann series now
+0.91x / 1.01x in a 6-side run, whose rounds spread by +-15 % (PEFT 0.49-0.65 s). Where RoAD's remaining time goes (profile, `compile_blocks`, 1 thread, 2026-11-30: 0.476 s against the floor's 0.389 and PEFT's 0.560): the fused mixing kernels ~25 ms per step (their backward's column sums over the batch run at ~1.4 ms per 1536-wide layer, 3-5x an eager `sum(0)`), the coefficient op and its backward ~12-29 ms (36 calls each, mostly the ~10 small ops inside), and the matmuls ~20 ms slower than the floor's (same shapes). Eagerly, `_RoadMix` now mixes with one product and two half `addcmul_`s and takes q's gradient half by half (no `flip` copies): same process, interleaved with the old version for 15 rounds, the step took 0.96x the old one's time (median of per-round ratios; the medians 0.669 vs 0.662 s were within noise), and the re-run rows here show its peak at 0.85x PEFT's (0.95x before). The Cayley-Neumann series now
 takes 2 block products instead of 3, and PEFT's default 5 terms are evaluated as (I + Q^2)(I + Q^2 + 2Q) (one
 elementwise pass over the blocks instead of about seven): the OFT rows, re-run after it, took 0.88x PEFT with
 `compile_blocks` (0.99x before, the same settings) and 1.00x eagerly. Whole-model `value_and_grad(compile=True)`
