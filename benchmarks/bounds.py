@@ -35,7 +35,7 @@ elementwise pass over the blocks instead of about seven): the OFT rows, re-run a
 is 0.86-0.89x for all three but keeps the compiled state resident (1.06-1.20x PEFT's peak); the compiled backward dequantizes through its own op
 (`rotfunc::quantized_linear_grad_input`) so AOTAutograd cannot keep float weights. `compile_blocks` keeps the peak
 at 0.93-1.05x PEFT's and compiles in 7-26 s (warm cache). On SmolLM2 (4x64 tokens, the sides interleaved in one process) `compile_blocks`
-ran at 0.93x (RoAD), 1.02x (OFT), 0.85x (RandLoRA) of PEFT's time; the 0.88x / 0.50x / 0.89x reported before came
+ran at 0.87x (RoAD, re-run after the eager backward change; 0.93x before), 1.02x (OFT), 0.85x (RandLoRA) of PEFT's time; the 0.88x / 0.50x / 0.89x reported before came
 from sides run in separate processes one after another, which load on this shared machine moved by +-15 % and
 more. There the 49,152-wide `lm_head` and its backward are ~22 % of the FLOPs, shared with PEFT. PEFT +
 `torch.compile` (the second baseline) compiled with no graph break in dynamo's counter and ran at 0.88-0.98x of
