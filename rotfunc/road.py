@@ -344,12 +344,10 @@ def _mix_halves(t4: Tensor, p: Tensor, q: Tensor, /, *, swapped: bool) -> Tensor
 
 
 def _swap(t4: Tensor, /) -> Tensor:
-    """``t4`` ("... 2 half") with its two halves exchanged. Eager: ``flip`` (one copy). While compiling: a
-    ``where`` between the two broadcast halves, which AOTAutograd may recompute in the backward (``flip`` is not
-    on its list of recomputable ops, so it would save a swapped copy of every layer's output) and inductor reads
-    in place inside the fused kernel."""
-    if not torch.compiler.is_compiling():
-        return t4.flip(-2)
+    """``t4`` ("... 2 half") with its two halves exchanged, for compiled graphs (eager code mixes half by half
+    instead, :func:`_mix_halves`): a ``where`` between the two broadcast halves, which AOTAutograd may recompute
+    in the backward (``flip`` is not on its list of recomputable ops, so it would save a swapped copy of every
+    layer's output) and inductor reads in place inside the fused kernel."""
     first = torch.arange(2, device=t4.device).unsqueeze(-1) == 0
     return torch.where(first, t4[..., 1:, :], t4[..., :1, :])
 
