@@ -223,64 +223,6 @@ def _from_cache(q: Tensor, statics: dict[str, Any]) -> Tensor:
 _CHUNK_BYTES = 1 << 19
 
 
-def _rotate_rows(xb: Tensor, R: Tensor, /) -> Tensor:
-    """``einsum("...rk,rkc->...rc", xb, R)`` for "... r b" ``xb``, a piece of rows at a time: each piece is one
-    ``bmm`` over a strided view of its rows, and its (r, m, b) product is copied into the result's rows while it
-    is still in cache. The whole-batch ``einsum`` writes a (r, N, b) product first and transposes it after; at
-    1536 wide (24 blocks, a 3 MB product) that copy read 24 strided streams back from memory and took 1.8 ms a
-    call inside the nf4 MiniLM step, about 10x its time on cached data."""
-    r, b = xb.shape[-2], xb.shape[-1]
-    x2 = xb.reshape(-1, r, b)
-    n = x2.shape[0]
-    out = x2.new_empty((n, r, b))
-    m = max(1, min(n, _CHUNK_BYTES // max(1, r * b * x2.element_size())))
-    for n0 in range(0, n, m):
-        n1 = min(n, n0 + m)
-        out[n0:n1].copy_(torch.bmm(x2[n0:n1].transpose(0, 1), R).transpose(0, 1))
-    return out.view(xb.shape)
-
-
-class _BlockRotate(torch.autograd.Function):
-    """``einsum("...rk,rkc->...rc", xb, R)`` (each block of each row times its block of ``R``) for plain eager
-    autograd, with :func:`_rotate_rows` forward and for the input gradient (with ``R``'s transpose); ``R``'s
-    gradient is one ``bmm`` over strided views, ``xb``'s blocks against the output gradient's. Both backward
-    products are differentiable ops, so ``create_graph`` works; ``jvp`` is given for forward-mode AD.
-    ``torch.func`` transforms and ``torch.compile`` take the ``einsum`` instead.
-
-    Measured in the nf4 MiniLM OFT training step (16x32 tokens, AMD EPYC, 1 thread, the einsum step and this one
-    interleaved in one process, 11-25 rounds): the median of per-round time ratios was 0.935, 0.949, 0.978 and
-    1.014 in four runs -- about 3 % faster, at this machine's noise."""
-
-    @staticmethod
-    def forward(xb: Tensor, R: Tensor) -> Tensor:
-        return _rotate_rows(xb, R)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-        ctx.save_for_forward(*inputs)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        xb, R = ctx.saved_tensors
-        r, b = xb.shape[-2], xb.shape[-1]
-        gx = gR = None
-        if ctx.needs_input_grad[0]:
-            gx = _BlockRotate.apply(g, R.mT)
-        if ctx.needs_input_grad[1]:
-            gR = torch.bmm(xb.reshape(-1, r, b).permute(1, 2, 0), g.reshape(-1, r, b).transpose(0, 1))
-        return gx, gR
-
-    @staticmethod
-    def jvp(ctx, x_t: Tensor | None, R_t: Tensor | None) -> Tensor:
-        xb, R = ctx.saved_tensors
-        out = None if x_t is None else _rotate_rows(x_t, R)
-        if R_t is not None:
-            t = _rotate_rows(xb, R_t)
-            out = t if out is None else out + t
-        return out
-
-
 def _block_matmul_rows(
     weight: Tensor, blocks: Tensor, block_size: int, out: Tensor, backup: Tensor | None = None
 ) -> Tensor:
@@ -499,8 +441,6 @@ def oft_rotate(
     xb = rearrange(x.to(q.dtype), "... (r b) -> ... r b", b=block_size)
     if block_share:
         y = xb @ R[0]
-    elif plain_eager(xb, R) and not torch._C._are_functorch_transforms_active():
-        y = _BlockRotate.apply(xb, R)
     else:
         y = torch.einsum("...rk,rkc->...rc", xb, R)
     if training and module_dropout > 0:

@@ -395,55 +395,6 @@ def test_grad_jvp_vmap_values():
         torch.testing.assert_close(merged, W.expand(4, 5, r * b), atol=tol(F64, 4), rtol=0)
 
 
-@pytest.mark.parametrize("chunk_bytes", [96, 1 << 19])
-def test_eager_rotation_in_pieces_equals_einsum_and_differentiates_twice(monkeypatch, chunk_bytes):
-    """Plain autograd rotates through oft._BlockRotate (pieces of rows: with 96 bytes, 1-2 rows a piece): its
-    value, both gradients, a second-order gradient and forward-mode AD equal the einsum's in float64."""
-    import rotfunc.oft as oft_mod
-
-    monkeypatch.setattr(oft_mod, "_CHUNK_BYTES", chunk_bytes)
-    b, r = 4, 3
-    q = random_params(r, b, seed=7, scale=0.5).q.clone().requires_grad_()
-    x = torch.randn(5, 2, r * b, generator=torch.Generator().manual_seed(1), dtype=F64, requires_grad=True)
-    kw = dict(block_size=b, use_cayley_neumann=False)
-    w = torch.randn(5, 2, r * b, generator=torch.Generator().manual_seed(2), dtype=F64)
-
-    def einsum_path(q, x):
-        R = oft_blocks(OFTParams(q), **kw)
-        return torch.einsum("...rk,rkc->...rc", x.unflatten(-1, (r, b)), R).flatten(-2)
-
-    calls = []
-    real = oft_mod._BlockRotate.apply
-    monkeypatch.setattr(oft_mod._BlockRotate, "apply", lambda *a: calls.append(1) or real(*a))
-    ours = oft_rotate(OFTParams(q), x, **kw)
-    assert calls, "plain autograd did not take _BlockRotate"
-    theirs = einsum_path(q, x)
-    torch.testing.assert_close(ours, theirs, atol=1e-13, rtol=0)
-    g_ours = torch.autograd.grad((ours * w).sum(), (q, x), create_graph=True)
-    g_theirs = torch.autograd.grad((theirs * w).sum(), (q, x), create_graph=True)
-    for a, e in zip(g_ours, g_theirs):
-        torch.testing.assert_close(a, e, atol=1e-12, rtol=0)
-    # second order through the rotation's own backward (a norm of x's gradient would not depend on q: R is
-    # orthogonal)
-    v = torch.randn(5, 2, r * b, generator=torch.Generator().manual_seed(3), dtype=F64)
-    h_ours = torch.autograd.grad((g_ours[1] * v).sum(), q)[0]
-    h_theirs = torch.autograd.grad((g_theirs[1] * v).sum(), q)[0]
-    torch.testing.assert_close(h_ours, h_theirs, atol=1e-11, rtol=0)
-    assert h_ours.abs().max() > 1e-3
-    xb = x.detach()[:2, 0].unflatten(-1, (r, b)).requires_grad_()
-    R = oft_blocks(OFTParams(q.detach()), **kw).requires_grad_()
-    assert torch.autograd.gradgradcheck(oft_mod._BlockRotate.apply, (xb, R))
-    # forward-mode AD (dual tensors, no torch.func): the Function's jvp
-    import torch.autograd.forward_ad as fwAD
-
-    t_q, t_x = torch.randn_like(q), torch.randn_like(x)
-    with fwAD.dual_level():
-        out = oft_rotate(OFTParams(fwAD.make_dual(q.detach(), t_q)), fwAD.make_dual(x.detach(), t_x), **kw)
-        tangent = fwAD.unpack_dual(out).tangent
-    _, expected = torch.func.jvp(einsum_path, (q.detach(), x.detach()), (t_q, t_x))
-    torch.testing.assert_close(tangent, expected, atol=1e-12, rtol=0)
-
-
 def test_functional_call_through_a_module():
     class Wrapped(torch.nn.Module):
         def __init__(self):
