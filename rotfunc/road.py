@@ -295,10 +295,7 @@ class _RoadMix(torch.autograd.Function):
 
     @staticmethod
     def forward(p: Tensor, q: Tensor, y: Tensor, group_size: int) -> Tensor:
-        y4 = y.unflatten(-1, (-1, 2, group_size // 2))
-        if torch.compiler.is_compiling():  # one fused kernel; the swap is a `where` inductor reads in place
-            return (y4 * p + _swap(y4) * q).flatten(-3)
-        return _mix_halves(y4, p, q, swapped=False).flatten(-3)
+        return _mix_halves(y.unflatten(-1, (-1, 2, group_size // 2)), p, q, swapped=False).flatten(-3)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -313,9 +310,8 @@ class _RoadMix(torch.autograd.Function):
         gp = gq = gy = None
         if ctx.needs_input_grad[0]:
             gp = (y4 * g4).sum_to_size(p.shape)
-        compiling = torch.compiler.is_compiling()
         if ctx.needs_input_grad[1]:
-            if compiling:
+            if torch.compiler.is_compiling():
                 gq = (_swap(y4) * g4).sum_to_size(q.shape)
             else:  # swap(y) * g half by half: no swapped copy of y
                 q0, q1 = q[..., 0, :], q[..., 1, :]
@@ -323,16 +319,18 @@ class _RoadMix(torch.autograd.Function):
                     ((y4[..., 1, :] * g4[..., 0, :]).sum_to_size(q0.shape),
                      (y4[..., 0, :] * g4[..., 1, :]).sum_to_size(q1.shape)), dim=-2)
         if ctx.needs_input_grad[2]:
-            gy = (g4 * p + _swap(g4 * q)) if compiling else _mix_halves(g4, p, q, swapped=True)
-            gy = gy.flatten(-3)
+            gy = _mix_halves(g4, p, q, swapped=True).flatten(-3)
         return gp, gq, gy, None
 
 
 def _mix_halves(t4: Tensor, p: Tensor, q: Tensor, /, *, swapped: bool) -> Tensor:
-    """Eager ``t4 * p + swap(t4) * q`` (``swapped=False``) or ``t4 * p + swap(t4 * q)`` (``swapped=True``) over
-    "... 2 half" views: one product into a fresh tensor, then each half's ``addcmul_`` with the other half of
-    ``t4``. Three passes over memory and one allocation, where the generic form makes a swapped copy (``flip``)
-    and two more full-size temporaries."""
+    """``t4 * p + swap(t4) * q`` (``swapped=False``) or ``t4 * p + swap(t4 * q)`` (``swapped=True``) over
+    "... 2 half" views. Eagerly: one product into a fresh tensor, then each half's ``addcmul_`` with the other half
+    of ``t4`` -- three passes over memory and one allocation, where the generic form makes a swapped copy
+    (``flip``) and two more full-size temporaries. While compiling: the generic form, one fused kernel reading the
+    swap (:func:`_swap`) in place."""
+    if torch.compiler.is_compiling():
+        return t4 * p + (_swap(t4 * q) if swapped else _swap(t4) * q)
     out = t4 * p
     if swapped:  # swap(t4 * q): half 0 takes t4_1 q_1, half 1 takes t4_0 q_0
         out[..., 0, :].addcmul_(t4[..., 1, :], q[..., 1, :])
