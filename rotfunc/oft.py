@@ -49,6 +49,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checks import check_choice, check_float, check_same_device, plain_eager
+from ._memory import fresh_like, writes_out
 from .adapter import normalize_layer_selection, peft_dict, peft_kwargs, register
 from .linalg import block_inverse, cayley, cayley_neumann, skew
 
@@ -276,6 +277,15 @@ def _block_matmul(weight: Tensor, blocks: Tensor, block_size: int, out: Tensor |
         return (flat @ blocks[0].mT).reshape(out_features, in_features)
     wb = rearrange(weight, "o (r b) -> r o b", b=block_size)  # a strided view: no copy
     return rearrange(torch.bmm(wb, blocks.mT), "r o b -> o (r b)")
+
+
+def _block_matmul_fresh(weight: Tensor, blocks: Tensor, block_size: int, dtype: torch.dtype) -> Tensor:
+    """:func:`_block_matmul` of ``weight`` in ``dtype`` as a new tensor of ``weight``'s dtype. Eagerly without
+    autograd (:func:`~rotfunc._memory.writes_out`), piece by piece into a fresh huge-page buffer: no full-size
+    temporary but the result, which is then written while each piece is in cache (bitwise the same values)."""
+    if dtype == weight.dtype and writes_out(blocks, weight):
+        return _block_matmul_rows(weight, blocks, block_size, fresh_like(weight))
+    return _block_matmul(weight.to(dtype), blocks, block_size).to(weight.dtype)
 
 
 def _merge_dtype(weight: Tensor, q: Tensor) -> torch.dtype:
@@ -543,7 +553,7 @@ def oft_merge(
             backup.copy_(weight)
             weight = backup
         return out.copy_(_block_matmul(weight.to(dtype), R, block_size))
-    return _block_matmul(weight.to(dtype), R, block_size).to(weight.dtype)
+    return _block_matmul_fresh(weight, R, block_size, dtype)
 
 
 def oft_unmerge(
@@ -581,7 +591,7 @@ def oft_unmerge(
         num_cayley_neumann_terms=num_cayley_neumann_terms, coft=coft, eps=eps,
     )
     inverse = block_inverse(R) if use_cayley_neumann else R.mT
-    return _block_matmul(weight.to(dtype), inverse, block_size).to(weight.dtype)
+    return _block_matmul_fresh(weight, inverse, block_size, dtype)
 
 
 def coft_project(params: OFTParams, /, *, eps: float, block_size: int) -> OFTParams:

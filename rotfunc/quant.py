@@ -73,6 +73,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from ._checks import check_float, check_shape
+from ._memory import fresh_like as _new_backup
 
 __all__ = [
     "QuantSpec",
@@ -851,42 +852,6 @@ def _finite(t: Tensor | None) -> bool:
     if t is None:
         return True
     return bool(t.sum().isfinite()) or bool(torch.isfinite(t).all())
-
-
-# fresh CPU buffers at least this big get huge pages (see _new_backup); glibc maps every allocation of 32 MiB
-# or more fresh from the kernel (its largest dynamic mmap threshold), smaller ones may reuse faulted heap memory
-_HUGE_PAGE_MIN_BYTES = 32 << 20
-_MADV_HUGEPAGE = 14  # <sys/mman.h>, Linux
-
-
-def _new_backup(weight: Tensor) -> Tensor:
-    """An empty contiguous tensor like ``weight`` for an in-place merge's backup.
-
-    A fresh weight-sized CPU allocation is a fresh mmap, and its first write faults every 4 KiB page in (at
-    4096x4096 fp32, measured here: 16k faults, ~65 ms, five times the copy itself). On Linux, CPU buffers of
-    at least ``_HUGE_PAGE_MIN_BYTES`` are therefore advised ``MADV_HUGEPAGE`` before they are touched (the
-    2 MiB-aligned part; what ``THP_MEM_ALLOC_ENABLE=1`` does for every large torch allocation): the copy into
-    it then faults 2 MiB at a time (~25 ms for the same backup, 13 ms being the copy). Only a hint: where
-    transparent huge pages are off, or the call fails, nothing changes.
-    """
-    buf = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    nbytes = buf.numel() * buf.element_size()
-    if buf.device.type == "cpu" and nbytes >= _HUGE_PAGE_MIN_BYTES:
-        import sys
-
-        if sys.platform.startswith("linux"):
-            import ctypes
-
-            huge = 1 << 21
-            lo = -(-buf.data_ptr() // huge) * huge
-            hi = (buf.data_ptr() + nbytes) // huge * huge
-            if hi > lo:
-                try:
-                    libc = ctypes.CDLL(None, use_errno=True)
-                    libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_HUGEPAGE))
-                except (OSError, AttributeError):
-                    pass
-    return buf
 
 
 def _takes_backup(merge_fn: Callable) -> bool:

@@ -121,6 +121,54 @@ def test_out_forms_equal_the_out_of_place_merges():
         road_merge(p, W, None, variant="road_2", group_size=8, out=torch.empty(N, 32))
 
 
+@pytest.mark.parametrize("rows", [80, 2048])  # 2048 x 4096 fp32 = 32 MiB: the huge-page advice applies
+def test_out_of_place_merges_without_autograd_go_piece_by_piece_bitwise(monkeypatch, rows):
+    """Eagerly without autograd, road_merge/road_unmerge and oft_merge/oft_unmerge write their new result piece by
+    piece into a fresh buffer (rotfunc._memory.writes_out); with grad flowing they take the whole-tensor ops. Both
+    give the same values (RoAD bitwise: the same elementwise operations), both match float64, and inputs are
+    untouched."""
+    from rotfunc import _memory, oft_unmerge, road_unmerge
+
+    taken = []
+    fresh = _memory.fresh_like
+    monkeypatch.setattr(rotfunc.road, "fresh_like", lambda t: taken.append("road") or fresh(t))
+    monkeypatch.setattr(rotfunc.oft, "fresh_like", lambda t: taken.append("oft") or fresh(t))
+    g = torch.Generator().manual_seed(6)
+    in_f = 24 if rows == 80 else 4096
+    W = torch.randn(rows, in_f, generator=g)
+    W0 = W.clone()
+    p = RoadParams(0.3 * torch.randn(rows, generator=g), 1 + 0.1 * torch.randn(rows, generator=g))  # well conditioned
+    kw = dict(variant="road_2", group_size=16)
+    fast = road_merge(p, W, None, **kw)[0]
+    slow = road_merge(RoadParams(*(t.requires_grad_() for t in RoadParams(*(t.clone() for t in p)))), W, None, **kw)[0]
+    assert taken == ["road"] and fast.is_contiguous() and torch.equal(W, W0)
+    assert torch.equal(fast, slow.detach())
+    R64 = rotfunc.road_matrix(RoadParams(p.theta.double(), p.alpha.double()), **kw)
+    torch.testing.assert_close(fast.double(), R64 @ W.double(), rtol=1e-5, atol=1e-5)
+    taken.clear()
+    back = road_unmerge(p, fast, None, **kw)[0]
+    assert taken == ["road"]
+    slow_back = road_unmerge(RoadParams(*(t.clone().requires_grad_() for t in p)), fast, None, **kw)[0]
+    assert torch.equal(back, slow_back.detach())
+    torch.testing.assert_close(back, W, rtol=1e-5, atol=1e-5)
+    taken.clear()
+
+    b = 8 if rows == 80 else 64
+    q = OFTParams(0.8 / b * torch.randn(in_f // b, b * (b - 1) // 2, generator=g))  # ||Q||_2 about 0.2
+    fast = oft_merge(q, W, block_size=b)
+    slow = oft_merge(OFTParams(q.q.clone().requires_grad_()), W, block_size=b)
+    assert taken == ["oft"] and torch.equal(W, W0)
+    torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=0)
+    M64 = rotfunc.oft_matrix(OFTParams(q.q.double()), in_features=in_f, block_size=b)
+    torch.testing.assert_close(fast.double(), W.double() @ M64.mT, rtol=1e-5, atol=1e-5)
+    taken.clear()
+    back = oft_unmerge(q, fast, block_size=b)
+    assert taken == ["oft"]
+    torch.testing.assert_close(back, oft_unmerge(OFTParams(q.q.clone().requires_grad_()), fast, block_size=b).detach(),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(back, W, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------- merges in place with a backup (one pass over the weight)
 
 ROAD_VARIANTS = {"road_1": 0.5, "road_2": 1, "road_4": 2}
