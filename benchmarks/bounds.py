@@ -99,8 +99,10 @@ full rank by design, `scaling * dW = L @ R` with L (4096, 4096) and R (4096, 409
 4096/32 = 128, r x num_bases = 4096), so its merge is one 4096^3 GEMM (137 GFLOP, ~2-4 s on these 2 cores, the
 same GEMM PEFT runs) against an O(n^2) requantization (~0.5-1.5 s); `rotfunc.randlora` already does it as one
 fused `torch.addmm` into W. RoAD (O(n^2) row-pair mixing) and OFT (64 blocks of 64: O(n^2 b)) sit near the
-limit; their extra is the full-size temporaries of the merge (~50 ms of page faults per fresh 64 MB tensor
-here) and the error report.
+limit; their extra is the merge's one fresh 64 MB result and the error report. (Since 2026-11-30 12:45Z an
+out-of-place merge without autograd writes its result piece by piece into a fresh huge-page buffer
+(`rotfunc._memory`), one pass and no other full-size temporary: at 4096^2 fp32, 2 threads, RoAD's merge 47 -> 27
+ms and OFT's 115 -> 71 ms, bitwise the same values.)
 
 **Float merge + unmerge vs two in-place copies of W (<= 2x).** Through the shims a float merge is one pass over
 W: `quant.merge_into` hands the adapter the weight, `out=weight` and a backup buffer, and the adapter copies each
@@ -141,15 +143,14 @@ _MERGE = """\
 (RoAD: row-pair mixing, closed-form 2x2 inverses; OFT: block-wise product, transposed or QR-inverted 64x64
 blocks), PEFT's are dense O(n^3) (RoAD builds the (out, out) R and `torch.linalg.inv`s it; OFT multiplies and
 inverts the dense block-diagonal (in, in) matrix). At 4096 rotfunc's time is bounded by memory, not FLOPs:
-each merge and unmerge returns a fresh 64 MB weight, and each fresh 64 MB tensor costs ~40-60 ms of page
-faults here (PEFT_NOTES.md; glibc maps large allocations fresh and unmaps them on free), plus ~4 passes over
-64 MB. Under load, 2-thread elementwise ops also stall at OpenMP barriers. OFT's Cayley-Neumann unmerge
-inverts its 64 blocks by batched Householder QR (`rotfunc.linalg.block_inverse`): measured here with 2
-threads under load, `torch.linalg.qr` of 64 blocks of 64x64 took 0.05-4 s (and 0.35 s for 2 blocks), against
-3-7 ms with 1 thread: the batched LAPACK loop is barrier-bound. Fixes for the lead: (1) rotfunc/linalg.py,
-`block_inverse`: for blocks < 256 use `torch.linalg.inv` on the batch (10-70 ms for 64 blocks of 64x64 here
-with 2 threads under the same load, 5-9 ms with 1; keep QR for >= 256, where MKL's batched LU failed), or run
-the QR under 1 thread. Float merges through the shims now write into the weight's own storage (the backup
+the functional `oft_merge`/`oft_unmerge` (the `benchmarks.oft` exact-Cayley row) each return a fresh 64 MB
+weight, and a fresh 64 MB tensor costs ~40-60 ms of page faults here with 4 KiB pages (PEFT_NOTES.md; glibc maps
+large allocations fresh and unmaps them on free). Eagerly without autograd they now write it piece by piece
+into a buffer advised `MADV_HUGEPAGE` (`rotfunc._memory.fresh_like`), one pass and no second temporary: that
+row went from 19.7x (load 3-5, before) to 43.5x PEFT (load about 1). Under load, 2-thread ops also stall at
+OpenMP barriers. `rotfunc.linalg.block_inverse` inverts blocks below 256 by batched LU (`torch.linalg.inv`,
+5-9 ms for 64 blocks of 64x64 with 1 thread) and larger ones by Householder QR (batched QR of 64 blocks of 64
+took 0.05-4 s with 2 threads under load: a barrier-bound LAPACK loop). Float merges through the shims now write into the weight's own storage (the backup
 saved piece by piece on the way, unmerge copies it back): no fresh 64 MB result per call, see the copy-floor
 rows."""
 
