@@ -2,7 +2,8 @@
 
 Runs every benchmark row (merge + unmerge, merge into nf4 vs the floor, forward overhead, training step on the
 4-bit MiniLM, mixed-adapter batches, vmapped ensembles, the quantized seam, RandLoRA's forward memory) with a progress bar and
-writes ``RESULTS.md``, ``results.json`` and ``results.png`` into ``--out`` (default: this directory).
+writes ``RESULTS.md``, ``results.json`` and ``results.png`` into ``--out`` (default: ``benchmarks/<cpu>/``, one
+directory per CPU kind, e.g. ``benchmarks/amd_epyc/``; ``benchmarks/RESULTS.md`` then lists every CPU kind's report).
 
     python -m benchmarks                      # the full run (about 10-20 minutes on 2 cores)
     python -m benchmarks --quick --out /tmp/b  # tiny sizes, 1 repeat: a smoke run in seconds
@@ -18,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent
 SECTIONS = ("merge", "floor", "forward", "train", "mixed", "ensemble", "quant", "randlora", "causal_lm")
 # --quick leaves out what needs the SmolLM2 model cache (converted once, 0.5 GB) unless --only names it
 QUICK_SKIPS = ("causal_lm",)
@@ -26,8 +28,9 @@ QUICK_SKIPS = ("causal_lm",)
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes and 1 repeat (a smoke run, well under a minute)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
-                   help="directory for RESULTS.md, results.json, results.png (default: benchmarks/)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="directory for RESULTS.md, results.json, results.png (default: benchmarks/<cpu>/, one per CPU "
+                   "kind; benchmarks/RESULTS.md then indexes them)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--only", default=None,
                    help=f"comma-separated sections to run (default all: {','.join(SECTIONS)}; with --quick all but "
@@ -96,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--threads {args.threads} must be >= 1", file=sys.stderr)
         return 2
     if args.render is not None:
-        return _render(args.render, args.out)
+        return _render(args.render, args.out if args.out is not None else args.render.resolve().parent)
+    if args.out is None:
+        from benchmarks.report import cpu_slug
+
+        args.out = ROOT / cpu_slug()
     os.environ["ROTFUNC_BENCH_THREADS"] = str(args.threads)  # before benchmarks._common is imported
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -130,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     info["load_average_end"] = report.load_average()
     problems = report.check_rows(rows)
     paths = report.write_all(rows, info, args.out, bounds=bounds_text(rows))
+    _index(args.out)
     targeted = [r for r in rows if r.get("target")]
     print(f"{len(rows)} rows, {sum(bool(r.get('met')) for r in targeted)} of {len(targeted)} targets met; wrote "
           + ", ".join(str(p) for p in paths.values()))
@@ -145,8 +153,17 @@ def _render(path: Path, out: Path) -> int:
 
     data = json.loads(path.read_text())
     paths = report.write_all(data["rows"], data["machine"], out, bounds=bounds_text(data["rows"]))
+    _index(out)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _index(out: Path) -> None:
+    """Re-write ``benchmarks/RESULTS.md``, the per-CPU index, when ``out`` is one of its CPU directories."""
+    from benchmarks import report
+
+    if out.resolve().parent == ROOT:
+        report.write_index(ROOT)
 
 
 if __name__ == "__main__":

@@ -102,3 +102,45 @@ def test_markdown_table_lists_every_row(report):
         assert any(line.startswith(f"| {r['name'].replace('|', '/')} |") for line in table), r["name"]
     assert "PEFT fails" in md and "load average" in md and "results.png" in md
     assert "nan" not in md.lower().replace("nanoseconds", "")
+
+
+@pytest.mark.parametrize("model, slug", [
+    ("AMD EPYC", "amd_epyc"),
+    ("Intel(R) Xeon(R) Platinum 8488C CPU @ 2.40GHz", "intel_xeon_platinum_8488c"),
+    ("AMD EPYC 7763 64-Core Processor", "amd_epyc_7763_64_core"),
+    ("", "unknown_cpu"),
+])
+def test_each_cpu_kind_gets_its_own_report_directory(model, slug):
+    from benchmarks.report import cpu_slug
+
+    assert cpu_slug(model) == slug
+
+
+def test_index_lists_every_cpu_kinds_report(report, tmp_path):
+    """benchmarks/RESULTS.md is an index: one line per ``<cpu>/results.json`` (the quick run's report copied under
+    two CPU names), with its CPU, date and targets met, linked; re-rendering one report keeps the others."""
+    from benchmarks.report import write_index
+
+    out, _ = report
+    data = json.loads((out / "results.json").read_text())
+    targeted = [r for r in data["rows"] if r.get("target")]
+    met = sum(bool(r.get("met")) for r in targeted)
+    for slug, cpu in (("amd_epyc", "AMD EPYC"), ("intel_xeon", "Intel(R) Xeon(R)")):
+        (tmp_path / slug).mkdir()
+        (tmp_path / slug / "results.json").write_text(json.dumps({**data, "machine": {**data["machine"], "cpu": cpu}}))
+    index = write_index(tmp_path).read_text()
+    lines = [ln for ln in index.splitlines() if ln.startswith("| ") and "/RESULTS.md" in ln]
+    assert len(lines) == 2
+    assert lines[0].startswith("| AMD EPYC |") and "[amd_epyc/RESULTS.md](amd_epyc/RESULTS.md)" in lines[0]
+    assert lines[1].startswith("| Intel(R) Xeon(R) |") and "[intel_xeon/RESULTS.md](intel_xeon/RESULTS.md)" in lines[1]
+    assert all(f"| {met} of {len(targeted)} |" in ln for ln in lines)
+
+
+def test_committed_reports_are_indexed():
+    """Every committed ``benchmarks/<cpu>/results.json`` is listed in the committed index, and the index lists
+    nothing else (``python -m benchmarks --render benchmarks/<cpu>/results.json`` rewrites both)."""
+    index = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    committed = sorted(p.parent.name for p in (ROOT / "benchmarks").glob("*/results.json"))
+    assert committed, "no committed per-CPU report"
+    listed = sorted(ln.split("](")[1].split("/")[0] for ln in index.splitlines() if "/RESULTS.md](" in ln)
+    assert listed == committed
