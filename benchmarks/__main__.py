@@ -6,7 +6,7 @@ writes ``RESULTS.md``, ``results.json`` and ``results.png`` into ``--out`` (defa
 directory per CPU kind, e.g. ``benchmarks/amd_epyc/``; ``benchmarks/RESULTS.md`` then lists every CPU kind's report).
 
     python -m benchmarks                      # the full run (about 10-20 minutes on 2 cores)
-    python -m benchmarks --quick --out /tmp/b  # tiny sizes, 1 repeat: a smoke run in seconds
+    python -m benchmarks --quick              # tiny sizes, 1 repeat: a smoke run, into benchmarks/<cpu>/quick/
     python -m benchmarks --only merge,train    # some sections only
 """
 
@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sizes and 1 repeat (a smoke run, well under a minute)")
     p.add_argument("--out", type=Path, default=None,
                    help="directory for RESULTS.md, results.json, results.png (default: benchmarks/<cpu>/, one per CPU "
-                   "kind; benchmarks/RESULTS.md then indexes them)")
+                   "kind, which benchmarks/RESULTS.md indexes; with --quick benchmarks/<cpu>/quick/)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--only", default=None,
                    help=f"comma-separated sections to run (default all: {','.join(SECTIONS)}; with --quick all but "
@@ -101,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render is not None:
         return _render(args.render, args.out if args.out is not None else args.render.resolve().parent)
     if args.out is None:
-        from benchmarks.report import cpu_slug
-
-        args.out = ROOT / cpu_slug()
+        args.out = default_out(quick=args.quick)
     os.environ["ROTFUNC_BENCH_THREADS"] = str(args.threads)  # before benchmarks._common is imported
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -156,6 +154,15 @@ def _render(path: Path, out: Path) -> int:
     _index(out)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def default_out(*, quick: bool) -> Path:
+    """``benchmarks/<cpu>/`` (:func:`benchmarks.report.cpu_slug`); a ``--quick`` smoke run goes into its
+    ``quick/`` subdirectory (git-ignored, not indexed), never over the CPU's committed report."""
+    from benchmarks.report import cpu_slug
+
+    out = ROOT / cpu_slug()
+    return out / "quick" if quick else out
 
 
 def _index(out: Path) -> None:

@@ -116,6 +116,15 @@ def test_each_cpu_kind_gets_its_own_report_directory(model, slug):
     assert cpu_slug(model) == slug
 
 
+def test_default_output_is_per_cpu_and_a_quick_run_never_overwrites_the_report(monkeypatch):
+    from benchmarks import __main__ as cli
+    from benchmarks import report
+
+    monkeypatch.setattr(report, "_cpu_model", lambda: "Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz")
+    assert cli.default_out(quick=False) == ROOT / "benchmarks" / "intel_xeon_gold_6338"
+    assert cli.default_out(quick=True) == ROOT / "benchmarks" / "intel_xeon_gold_6338" / "quick"
+
+
 def test_index_lists_every_cpu_kinds_report(report, tmp_path):
     """benchmarks/RESULTS.md is an index: one line per ``<cpu>/results.json`` (the quick run's report copied under
     two CPU names), with its CPU, date and targets met, linked; re-rendering one report keeps the others."""
