@@ -113,7 +113,7 @@ back); unmerge copies the backup back, bitwise. Against the floor's two copies t
 merge's arithmetic and the backup's allocation. The allocation is what keeps RoAD's default cycle near 2x
 (1.7-2.4x the floor over the runs at load 3-5; the copy-floor row here is one of them): `unmerge` frees the 64 MB
 backup by default, so each merge maps a fresh one and faults it in on first write. With 4 KiB pages that cost ~65
-ms here (16k faults, five copies' worth); `quant._new_backup` advises `MADV_HUGEPAGE` on fresh backups of >= 32
+ms here (16k faults, five copies' worth); `rotfunc._memory.fresh_like` advises `MADV_HUGEPAGE` on fresh backups of >= 32
 MiB (~25 ms for the same allocation + copy, 13 ms being the copy; the benchmark process already runs with
 `THP_MEM_ALLOC_ENABLE=1`, which does the same for every large torch tensor), and under load the fault-in of 32
 huge pages still took 10-40 ms per cycle in these runs (the default cycle minus the `keep_buffers=True` one).

@@ -73,7 +73,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from ._checks import check_float, check_shape
-from ._memory import fresh_like as _new_backup
+from ._memory import fresh_like
 
 __all__ = [
     "QuantSpec",
@@ -872,7 +872,7 @@ def _merge_float_in_place(layer: nn.Linear, merge_fn: MergeFn, safe_merge: bool,
         and backup.device == weight.device and backup.is_contiguous()
         and backup.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()
     )
-    buf = backup if usable else _new_backup(weight)
+    buf = backup if usable else fresh_like(weight)
     fused = weight.is_contiguous() and _takes_backup(merge_fn)
     with torch.no_grad():
         filled = not fused  # buf holds the original weight (a fused merge_fn leaves the weight as it was on error)

@@ -333,12 +333,8 @@ def _mix_halves(t4: Tensor, p: Tensor, q: Tensor, /, *, swapped: bool) -> Tensor
     if torch.compiler.is_compiling():
         return t4 * p + (_swap(t4 * q) if swapped else _swap(t4) * q)
     out = t4 * p
-    if swapped:  # swap(t4 * q): half 0 takes t4_1 q_1, half 1 takes t4_0 q_0
-        out[..., 0, :].addcmul_(t4[..., 1, :], q[..., 1, :])
-        out[..., 1, :].addcmul_(t4[..., 0, :], q[..., 0, :])
-    else:  # swap(t4) * q: half 0 takes t4_1 q_0, half 1 takes t4_0 q_1
-        out[..., 0, :].addcmul_(t4[..., 1, :], q[..., 0, :])
-        out[..., 1, :].addcmul_(t4[..., 0, :], q[..., 1, :])
+    for i in (0, 1):  # half i takes the other half of t4, times q's other half (swapped) or its own half
+        out[..., i, :].addcmul_(t4[..., 1 - i, :], q[..., 1 - i if swapped else i, :])
     return out
 
 
@@ -390,6 +386,8 @@ def _mix_rows(
     c1 = torch.stack((q[..., 0, :], p[..., 1, :]), dim=-2).unsqueeze(-1)  # multiplies W_j (second half)
     h = group_size // 2
     w4 = w.unflatten(-2, (-1, 2, h))
+    if out is None and w.dim() == 2 and writes_out(c0, c1, w):  # no autograd: piece by piece into a fresh buffer
+        out = fresh_like(w)
     if out is not None:
         # a piece of rows at a time, so that addcmul_ finds the rows mul has just written still in cache: one
         # pass over memory instead of two (bitwise the same values as the whole-tensor form)
@@ -412,8 +410,6 @@ def _mix_rows(
                 o.copy_(src)
             raise
         return out
-    if w.dim() == 2 and writes_out(c0, c1, w):  # no autograd: piece by piece into a fresh buffer (one pass)
-        return _mix_rows(p, q, w, group_size=group_size, out=fresh_like(w))
     top, bottom = w4[..., 0:1, :, :], w4[..., 1:2, :, :]
     if plain_eager(c0, c1, w):
         out = (c0 * top).addcmul_(c1, bottom)

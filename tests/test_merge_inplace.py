@@ -109,12 +109,14 @@ def test_out_forms_equal_the_out_of_place_merges():
     p = RoadParams(torch.randn(N, generator=g), 1 + 0.1 * torch.randn(N, generator=g))
     out = torch.empty_like(W)
     got, _ = road_merge(p, W, None, variant="road_2", group_size=8, out=out)
-    assert got is out and torch.equal(out, road_merge(p, W, None, variant="road_2", group_size=8)[0])
+    whole = road_merge(RoadParams(*(t.clone().requires_grad_() for t in p)), W, None, variant="road_2", group_size=8)
+    assert got is out and torch.equal(out, whole[0].detach())  # the whole-tensor (autograd) form
     for share in (False, True):
         q = OFTParams(0.1 * torch.randn(1 if share else 4, 16 * 15 // 2, generator=g))
         got = oft_merge(q, W, block_size=16, block_share=share, out=out)
         assert got is out
-        torch.testing.assert_close(out, oft_merge(q, W, block_size=16, block_share=share), rtol=1e-6, atol=1e-6)
+        whole = oft_merge(OFTParams(q.q.clone().requires_grad_()), W, block_size=16, block_share=share)
+        torch.testing.assert_close(out, whole.detach(), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="overlaps weight"):
         road_merge(p, W, None, variant="road_2", group_size=8, out=W)
     with pytest.raises(ValueError, match=r"shape=\(64, 32\)"):
@@ -140,7 +142,7 @@ def test_out_of_place_merges_without_autograd_go_piece_by_piece_bitwise(monkeypa
     p = RoadParams(0.3 * torch.randn(rows, generator=g), 1 + 0.1 * torch.randn(rows, generator=g))  # well conditioned
     kw = dict(variant="road_2", group_size=16)
     fast = road_merge(p, W, None, **kw)[0]
-    slow = road_merge(RoadParams(*(t.requires_grad_() for t in RoadParams(*(t.clone() for t in p)))), W, None, **kw)[0]
+    slow = road_merge(RoadParams(*(t.clone().requires_grad_() for t in p)), W, None, **kw)[0]
     assert taken == ["road"] and fast.is_contiguous() and torch.equal(W, W0)
     assert torch.equal(fast, slow.detach())
     R64 = rotfunc.road_matrix(RoadParams(p.theta.double(), p.alpha.double()), **kw)
